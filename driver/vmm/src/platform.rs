@@ -117,4 +117,14 @@ pub trait Platform: Sync {
     fn host_cr3(&self) -> u64;
     /// How root reads this CPU's local APIC.
     fn apic(&self) -> ApicAccess;
+    /// Raises IRQL to at least `to` around a replay and returns the previous IRQL (DESIGN §4).
+    /// Called in VMX root with IF=0: must not fault, allocate, lock or log. The default writes
+    /// CR8 directly, which is what IRQL is on x64 without NT's extra bookkeeping.
+    fn raise_irql(&self, to: u8) -> u8 {
+        crate::arch::regs::raise_cr8(to)
+    }
+    /// Restores the IRQL [`Platform::raise_irql`] returned. Same rules.
+    fn lower_irql(&self, to: u8) {
+        crate::arch::regs::lower_cr8(to)
+    }
 }
