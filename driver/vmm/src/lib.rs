@@ -11,6 +11,7 @@
 )]
 
 pub mod arch;
+pub mod exit;
 pub mod hypervisor;
 pub mod intr;
 pub mod platform;
@@ -53,3 +54,4 @@ pub enum Error {
 pub fn root_interrupt_return_sites() -> [usize; 2] {
     [0, 0]
 }
+pub use exit::hypercall;
