@@ -2,10 +2,21 @@
 //!
 //! **Runs in:** PASSIVE (guest side of the blue pill).
 
+use crate::Error;
+use crate::arch::msr::{self, FeatureControl};
+use crate::arch::regs;
+use crate::cpu::{PAGES_PER_CPU, PerCpu, RootState};
+use crate::exit::hypercall::{self, Call, Status};
+use crate::exit::stub::{self, LaunchResult};
+use crate::exit::{ExitAction, ExitCtx};
 use crate::intr::Mode;
+use crate::intr::pending::PendingSet;
 use crate::platform::{CpuIndex, Platform};
 use crate::stats::Snapshot;
-use crate::Error;
+use crate::vmx::{self, VmxError, caps, vmcs::CR4_VMXE};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use x86::vmx::vmcs::{guest, ro};
 
 /// What to virtualize with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,67 +65,486 @@ pub struct CpuState {
     pub stats: Snapshot,
 }
 
-// ---- public entry points (bodies land with the core; signatures are the contract) ----
+/// Processors the core can track.
+pub const MAX_CPUS: usize = 1024;
+
+static CPUS: [AtomicPtr<PerCpu>; MAX_CPUS] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS];
+static PLATFORM: spin::Once<&'static dyn Platform> = spin::Once::new();
+static FEATURES: spin::Once<Features> = spin::Once::new();
+static CPU_COUNT: AtomicU32 = AtomicU32::new(0);
+/// CR4 fixed bits (FIXED0, FIXED1) for guest CR4 writes; identical on every CPU.
+static CR4_FIXED0: AtomicU64 = AtomicU64::new(0);
+static CR4_FIXED1: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Retries of a hypercall answered [`Status::Busy`] before giving up.
+const BUSY_RETRIES: u32 = 1_000_000;
+
+/// CPUID.1:ECX bits.
+const CPUID_1_ECX_VMX: u32 = 1 << 5;
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CR4.FRED (bit 32).
+const CR4_FRED: u64 = 1 << 32;
+
+/// Outer hypervisors whose VMCALLs and synthetic MSRs ackvisor forwards (DESIGN §5).
+const FORWARDED_VENDORS: [&[u8; 12]; 2] = [b"Microsoft Hv", b"KVMKVMKVM\0\0\0"];
+
+/// DESIGN §5 / issue 4: may this CPU enter VMX operation, and is there an outer hypervisor to
+/// forward to? `vendor` is CPUID 0x4000_0000's EBX:ECX:EDX when the hypervisor bit is set.
+pub fn vmx_availability(
+    cpuid1_ecx: u32,
+    vendor: Option<[u8; 12]>,
+    feature_control: u64,
+    cr4: u64,
+) -> Result<bool, Error> {
+    let hypervisor = cpuid1_ecx & CPUID_1_ECX_HYPERVISOR != 0;
+    if cpuid1_ecx & CPUID_1_ECX_VMX == 0 {
+        // Hyper-V (VBS/HVCI) keeps VT-x for itself and hides it from the root partition.
+        return Err(if hypervisor {
+            Error::ForeignHypervisor
+        } else {
+            Error::NoVmx
+        });
+    }
+    let fc = FeatureControl::from_raw(feature_control);
+    if fc.locked() && !fc.vmx_outside_smx() {
+        return Err(Error::VmxLockedOff);
+    }
+    if cr4 & CR4_FRED != 0 {
+        return Err(Error::FredEnabled);
+    }
+    Ok(hypervisor && vendor.is_some_and(|v| FORWARDED_VENDORS.iter().any(|f| **f == v)))
+}
+
+fn hypervisor_vendor() -> Option<[u8; 12]> {
+    if regs::cpuid(1, 0)[2] & CPUID_1_ECX_HYPERVISOR == 0 {
+        return None;
+    }
+    let r = regs::cpuid(0x4000_0000, 0);
+    let mut v = [0u8; 12];
+    for (chunk, word) in v.chunks_exact_mut(4).zip([r[1], r[2], r[3]]) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    Some(v)
+}
+
+pub(crate) fn cr4_fixed() -> (u64, u64) {
+    (
+        CR4_FIXED0.load(Ordering::Relaxed),
+        CR4_FIXED1.load(Ordering::Relaxed),
+    )
+}
+
+fn slot(cpu: CpuIndex) -> Result<&'static AtomicPtr<PerCpu>, Error> {
+    CPUS.get(cpu.0 as usize).ok_or(Error::TooManyCpus)
+}
+
+fn vmx_err(instruction: &'static str, e: VmxError) -> Error {
+    let error = match e {
+        VmxError::VmFailValid(n) => n,
+        VmxError::VmFailInvalid => 0,
+    };
+    Error::VmxInstruction { instruction, error }
+}
 
 /// Virtualizes every CPU through [`Platform::for_each_cpu`]; on any failure undoes all.
-pub fn virtualize_all(platform: &'static dyn Platform, config: Config) -> Result<(), (CpuIndex, Error)> {
-    let _ = (platform, config);
-    Err((CpuIndex(0), Error::NoVmx))
+pub fn virtualize_all(
+    platform: &'static dyn Platform,
+    config: Config,
+) -> Result<(), (CpuIndex, Error)> {
+    CPU_COUNT.store(platform.cpu_count(), Ordering::Relaxed);
+    let result = platform.for_each_cpu(&|_| virtualize_current_cpu(platform, config));
+    if result.is_err() {
+        let _ = devirtualize_all();
+    }
+    result
 }
 
 /// Virtualizes the calling CPU; returns `Ok` already running as the guest.
-pub fn virtualize_current_cpu(platform: &'static dyn Platform, config: Config) -> Result<(), Error> {
-    let _ = (platform, config);
-    Err(Error::NoVmx)
+pub fn virtualize_current_cpu(
+    platform: &'static dyn Platform,
+    config: Config,
+) -> Result<(), Error> {
+    let platform = *PLATFORM.call_once(|| platform);
+    if CPU_COUNT.load(Ordering::Relaxed) == 0 {
+        CPU_COUNT.store(platform.cpu_count(), Ordering::Relaxed);
+    }
+    let cpu = platform.current_cpu();
+    let slot = slot(cpu)?;
+    if !slot.load(Ordering::Acquire).is_null() {
+        return Err(Error::AlreadyVirtualized);
+    }
+    let ecx = regs::cpuid(1, 0)[2];
+    let fc = if ecx & CPUID_1_ECX_VMX != 0 {
+        // SAFETY: IA32_FEATURE_CONTROL exists on every CPU with VMX.
+        unsafe { regs::rdmsr(msr::IA32_FEATURE_CONTROL) }
+    } else {
+        0
+    };
+    let outer = vmx_availability(ecx, hypervisor_vendor(), fc, regs::cr4())?;
+    if !FeatureControl::from_raw(fc).locked() {
+        // Firmware left it open: enable VMX outside SMX and lock, as firmware normally does.
+        // SAFETY: the MSR is unlocked, so the write is accepted; bits 0 and 2 only enable VMX.
+        unsafe { regs::wrmsr(msr::IA32_FEATURE_CONTROL, fc | 0b101) };
+    }
+    let raw = vmx::probe();
+    let controls = caps::controls(&raw).map_err(Error::Unsupported)?;
+    let features = *FEATURES.call_once(|| caps::features(&raw, outer));
+    CR4_FIXED0.store(raw.cr4_fixed0, Ordering::Relaxed);
+    CR4_FIXED1.store(raw.cr4_fixed1, Ordering::Relaxed);
+
+    let pages = platform
+        .alloc_pages(PAGES_PER_CPU)
+        .map_err(Error::Platform)?;
+    let pcpu = pages.as_ptr().cast::<PerCpu>();
+    // SAFETY: `pages` is PAGES_PER_CPU zeroed, page-aligned, writable pages, at least
+    // size_of::<PerCpu>(); every field but `root` is atomics/bytes for which zero is valid, and
+    // `root` is written before any read.
+    let this: &PerCpu = unsafe { &*pcpu };
+    let revision = msr::VmxBasic::from_raw(raw.basic).revision_id();
+    let pa = |p: *const u8| NonNull::new(p.cast_mut()).map_or(0, |nn| platform.virt_to_phys(nn).0);
+    let vmxon_pa = pa(core::ptr::addr_of!(this.vmxon).cast());
+    let vmcs_pa = pa(core::ptr::addr_of!(this.vmcs).cast());
+    let bitmap_pa = pa(core::ptr::addr_of!(this.msr_bitmap).cast());
+    let preemption_ticks = if features.preemption_timer {
+        PREEMPTION_TICKS
+    } else {
+        0
+    };
+    let root = RootState {
+        platform: Some(platform),
+        cpu,
+        mode: config.mode,
+        controls,
+        pin: controls.pin,
+        proc: controls.proc,
+        pending: PendingSet::new(),
+        exiting_suspended: false,
+        preemption_ticks,
+        kernel_cs: regs::cs(),
+        kernel_ss: regs::ss(),
+        features,
+        fatal: None,
+        vmxon_pa,
+        vmcs_pa,
+    };
+    // SAFETY: nobody else can see this CPU's block yet.
+    unsafe { this.data.root.get().write(root) };
+    // SAFETY: both regions are ours and 4 KiB; the revision id goes in the first 31 bits.
+    unsafe {
+        core::ptr::addr_of!(this.vmxon)
+            .cast_mut()
+            .cast::<u32>()
+            .write(revision);
+    }
+    // SAFETY: as above, for the VMCS region.
+    unsafe {
+        core::ptr::addr_of!(this.vmcs)
+            .cast_mut()
+            .cast::<u32>()
+            .write(revision);
+    }
+    let host_rsp = this.host_rsp();
+    // SAFETY: the top slot of our own stack, inside the block: the stub reads &PerCpu from it.
+    unsafe { (host_rsp as *mut u64).write(pcpu as u64) };
+
+    let cr0 = regs::cr0();
+    let cr4 = regs::cr4();
+    let undo = |e: Error| {
+        // SAFETY: restores the caller's own CR0/CR4 after a failed attempt (VMX off again).
+        unsafe { regs::write_cr4(cr4) };
+        // SAFETY: as above.
+        unsafe { regs::write_cr0(cr0) };
+        // SAFETY: the pages came from alloc_pages above and the CPU no longer uses them.
+        unsafe { platform.free_pages(pages, PAGES_PER_CPU) };
+        e
+    };
+    // SAFETY: the fixed bits only add what VMX operation requires (NE, PE/PG already set, VMXE).
+    unsafe { regs::write_cr0(caps::fixed_cr0(&raw, cr0)) };
+    // SAFETY: as above.
+    unsafe { regs::write_cr4(caps::fixed_cr4(&raw, cr4)) };
+    // SAFETY: the VMXON region is this CPU's, page-aligned, revision id written above; CR0/CR4
+    // carry the fixed bits; FEATURE_CONTROL allows VMXON (checked above).
+    if let Err(e) = unsafe { vmx::vmxon(vmxon_pa) } {
+        return Err(undo(vmx_err("VMXON", e)));
+    }
+    let fail = |name: &'static str, e: VmxError| {
+        // SAFETY: we entered VMX operation above and nothing uses it yet.
+        let _ = unsafe { vmx::vmxoff() };
+        undo(vmx_err(name, e))
+    };
+    // SAFETY: our VMCS region, revision id written, in VMX operation.
+    if let Err(e) = unsafe { vmx::vmclear(vmcs_pa) } {
+        return Err(fail("VMCLEAR", e));
+    }
+    // SAFETY: just cleared, this CPU's.
+    let vmcs = match unsafe { vmx::vmptrld(vmcs_pa) } {
+        Ok(v) => v,
+        Err(e) => return Err(fail("VMPTRLD", e)),
+    };
+    let inputs = vmx::vmcs::HostInputs {
+        cr3: platform.host_cr3(),
+        rsp: host_rsp,
+        rip: stub::vm_exit_entry as *const () as u64,
+        msr_bitmap: bitmap_pa,
+        debugctl: platform.debugctl(),
+        cr4_shadow: cr4,
+    };
+    if let Err(e) = vmx::vmcs::setup(&vmcs, &controls, &inputs) {
+        return Err(fail("VMWRITE", e));
+    }
+    // SAFETY: this CPU, before launch; no other reference exists.
+    let root = unsafe { this.root() };
+    crate::intr::apply_mode(&vmcs, root, config.mode);
+    this.data
+        .applied_mode
+        .store(config.mode as u32, Ordering::Release);
+    slot.store(pcpu, Ordering::Release);
+    // SAFETY: the VMCS is complete (setup above), HOST_RSP/RIP are this CPU's stack and stub.
+    match unsafe { stub::launch() } {
+        LaunchResult::Guest => Ok(()),
+        failed => {
+            slot.store(core::ptr::null_mut(), Ordering::Release);
+            let error = if failed == LaunchResult::FailValid {
+                vmcs.read32(ro::VM_INSTRUCTION_ERROR)
+            } else {
+                0
+            };
+            // SAFETY: the VMCS never ran; leave VMX operation again.
+            let _ = unsafe { vmx::vmclear(vmcs_pa) };
+            Err(fail("VMLAUNCH", VmxError::VmFailValid(error)))
+        }
+    }
+}
+
+/// TSC cycles (at the timer's rate) an exit-sti hand-over lasts before exiting is back on.
+const PREEMPTION_TICKS: u32 = 2000;
+
+/// Root side of [`Call::Devirtualize`]: restore what the exit changed, leave VMX operation and
+/// point the stub at the guest's continuation (DESIGN §5).
+pub(crate) fn leave_root(ctx: &mut ExitCtx<'_>) -> ExitAction {
+    let v = ctx.vmcs;
+    let rip = v.read(guest::RIP);
+    let rsp = v.read(guest::RSP);
+    let rflags = v.read(guest::RFLAGS);
+    let target = rsp.wrapping_sub(16);
+    // SAFETY: a CPL-0 caller (hypercall::classify) on a kernel stack with no red zone: the 16
+    // bytes below its RSP are free, exactly where an interrupt frame could go.
+    unsafe {
+        (target as *mut [u64; 2]).write([rflags, rip]);
+    }
+    let gdt = regs::DescriptorTable {
+        limit: v.read(guest::GDTR_LIMIT) as u16,
+        base: v.read(guest::GDTR_BASE),
+    };
+    let idt = regs::DescriptorTable {
+        limit: v.read(guest::IDTR_LIMIT) as u16,
+        base: v.read(guest::IDTR_BASE),
+    };
+    let (cr0, cr3, cr4) = (v.read(guest::CR0), v.read(guest::CR3), v.read(guest::CR4));
+    let (dr7, debugctl) = (v.read(guest::DR7), v.read(guest::IA32_DEBUGCTL_FULL));
+    let (fs_base, gs_base) = (v.read(guest::FS_BASE), v.read(guest::GS_BASE));
+    let vmcs_pa = ctx.root.vmcs_pa;
+    // SAFETY: the guest's own tables: exits left their limits at 0xFFFF (PatchGuard checks).
+    unsafe { regs::lgdt(&gdt) };
+    // SAFETY: as above.
+    unsafe { regs::lidt(&idt) };
+    // SAFETY: the guest's CR3 maps the kernel, this code and this stack like HOST_CR3 does.
+    unsafe { regs::write_cr3(cr3) };
+    // SAFETY: the guest's own control registers (CR4 still with VMXE until VMXOFF).
+    unsafe { regs::write_cr0(cr0) };
+    // SAFETY: as above.
+    unsafe { regs::write_cr4(cr4) };
+    // SAFETY: the guest's DR7, cleared to 0x400 by the exit.
+    unsafe { regs::write_dr7(dr7) };
+    if debugctl != 0 {
+        // SAFETY: the guest had this value; exits clear it. Written only when non-zero, so a CPU
+        // without the MSR (Bochs) is never touched.
+        unsafe { regs::wrmsr(msr::IA32_DEBUGCTL, debugctl) };
+    }
+    // SAFETY: the guest's own FS/GS bases.
+    unsafe { regs::wrmsr(x86::msr::IA32_FS_BASE, fs_base) };
+    // SAFETY: as above.
+    unsafe { regs::wrmsr(x86::msr::IA32_GS_BASE, gs_base) };
+    // SAFETY: our current VMCS; nothing runs it again.
+    let _ = unsafe { vmx::vmclear(vmcs_pa) };
+    // SAFETY: every piece of guest state lives in the registers again (above).
+    if let Err(e) = unsafe { vmx::vmxoff() } {
+        let mut state = match ctx.fatal(crate::FatalKind::ResumeFailed) {
+            ExitAction::Fatal(s) => s,
+            other => return other,
+        };
+        state.instr_error = match e {
+            VmxError::VmFailValid(n) => n,
+            VmxError::VmFailInvalid => 0,
+        };
+        return ExitAction::Fatal(state);
+    }
+    // SAFETY: out of VMX operation: VMXE may be cleared.
+    unsafe { regs::write_cr4(cr4 & !CR4_VMXE) };
+    ctx.cpu.data.devirt_rsp.store(target, Ordering::Release);
+    ExitAction::Devirtualize
+}
+
+/// Issues `call` with `arg`, retrying while root answers Busy (vectors still pending).
+fn hypercall_until_done(call: Call, arg: u64) -> Result<u64, Error> {
+    for _ in 0..BUSY_RETRIES {
+        match hypercall::vmcall(call, arg) {
+            (Some(Status::Ok), value) => return Ok(value),
+            (Some(Status::Busy), _) => core::hint::spin_loop(),
+            (Some(Status::BadArgument | Status::UnknownCall) | None, _) => {
+                return Err(Error::NotVirtualized);
+            }
+        }
+    }
+    Err(Error::Busy)
+}
+
+fn current() -> Result<(&'static dyn Platform, &'static AtomicPtr<PerCpu>), Error> {
+    let platform = *PLATFORM.get().ok_or(Error::NotVirtualized)?;
+    Ok((platform, slot(platform.current_cpu())?))
 }
 
 /// Devirtualizes every CPU and hands every page back.
 pub fn devirtualize_all() -> Result<(), (CpuIndex, Error)> {
-    Err((CpuIndex(0), Error::NotVirtualized))
+    let platform = *PLATFORM.get().ok_or((CpuIndex(0), Error::NotVirtualized))?;
+    platform.for_each_cpu(&|_| match devirtualize_current_cpu() {
+        Err(Error::NotVirtualized) => Ok(()),
+        other => other,
+    })
 }
 
 /// Devirtualizes the calling CPU (hypercall) and frees its pages.
 pub fn devirtualize_current_cpu() -> Result<(), Error> {
-    Err(Error::NotVirtualized)
+    let (platform, slot) = current()?;
+    let p = NonNull::new(slot.load(Ordering::Acquire)).ok_or(Error::NotVirtualized)?;
+    hypercall_until_done(Call::Devirtualize, 0)?;
+    slot.store(core::ptr::null_mut(), Ordering::Release);
+    // SAFETY: VMX is off on this CPU, so nothing uses its block any more; it came from
+    // alloc_pages(PAGES_PER_CPU) in virtualize_current_cpu.
+    unsafe { platform.free_pages(p.cast(), PAGES_PER_CPU) };
+    Ok(())
 }
 
 /// Applies `mode` on every CPU; returns once each has written its own VMCS.
 pub fn set_mode_all(mode: Mode) -> Result<(), (CpuIndex, Error)> {
-    let _ = mode;
-    Err((CpuIndex(0), Error::NotVirtualized))
+    let platform = *PLATFORM.get().ok_or((CpuIndex(0), Error::NotVirtualized))?;
+    platform.for_each_cpu(&|_| set_mode_current_cpu(mode))
 }
 
 /// Applies `mode` on the calling CPU (hypercall).
 pub fn set_mode_current_cpu(mode: Mode) -> Result<(), Error> {
-    let _ = mode;
-    Err(Error::NotVirtualized)
+    let (_, slot) = current()?;
+    if slot.load(Ordering::Acquire).is_null() {
+        return Err(Error::NotVirtualized);
+    }
+    hypercall_until_done(Call::SetMode, mode as u64).map(|_| ())
+}
+
+fn with_cpu<T>(cpu: CpuIndex, f: impl FnOnce(&PerCpu) -> T) -> Option<T> {
+    let p = CPUS.get(cpu.0 as usize)?.load(Ordering::Acquire);
+    // SAFETY: a registered block stays allocated until its own CPU devirtualizes, which first
+    // clears the slot. A reader racing with that window is the one unsynchronized case; the
+    // platforms serialize state queries with devirtualization (driver unload, test scenarios).
+    NonNull::new(p).map(|p| f(unsafe { p.as_ref() }))
 }
 
 /// State of one CPU, `None` when it is not virtualized.
 pub fn cpu_state(cpu: CpuIndex) -> Option<CpuState> {
-    let _ = cpu;
-    None
+    with_cpu(cpu, |p| CpuState {
+        mode: p.applied_mode(),
+        stats: p.data.stats.snapshot(),
+    })
+}
+
+/// Takes the root-mode log records of one CPU, oldest first.
+pub fn drain_log(cpu: CpuIndex, f: impl FnMut(crate::log_ring::Record)) -> Option<u64> {
+    with_cpu(cpu, |p| {
+        p.data.log.drain(f);
+        p.data.log.lost()
+    })
 }
 
 /// Zeroes every CPU's counters.
-pub fn reset_stats() {}
+pub fn reset_stats() {
+    for i in 0..CPUS.len() {
+        let _ = with_cpu(CpuIndex(i as u32), |p| p.data.stats.reset());
+    }
+}
 
-/// Number of CPUs the platform reports (0 before the first [`virtualize_all`]).
+/// Number of CPUs the platform reports (0 before the first virtualization).
 pub fn cpu_count() -> u32 {
-    0
+    CPU_COUNT.load(Ordering::Relaxed)
 }
 
 /// Number of CPUs currently virtualized.
 pub fn virtualized_count() -> u32 {
-    0
+    CPUS.iter()
+        .filter(|s| !s.load(Ordering::Relaxed).is_null())
+        .count() as u32
 }
 
 /// Bytes of memory one virtualized CPU holds (VMXON, VMCS, MSR bitmap, state, host stack).
-pub fn bytes_per_cpu() -> usize {
-    0
+pub const fn bytes_per_cpu() -> usize {
+    crate::cpu::BYTES_PER_CPU
 }
 
 /// The decoded VMX features, once any CPU was probed.
 pub fn features() -> Option<Features> {
-    None
+    FEATURES.get().copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VMX: u32 = 1 << 5;
+    const HV: u32 = 1 << 31;
+    const FC_OK: u64 = 0b101;
+
+    #[test]
+    fn no_vmx_bit_means_no_vmx_or_a_hypervisor_that_owns_it() {
+        assert_eq!(vmx_availability(0, None, 0, 0), Err(Error::NoVmx));
+        assert_eq!(
+            vmx_availability(HV, Some(*b"Microsoft Hv"), 0, 0),
+            Err(Error::ForeignHypervisor)
+        );
+    }
+
+    #[test]
+    fn feature_control_locked_off_is_refused() {
+        assert_eq!(
+            vmx_availability(VMX, None, 0b001, 0),
+            Err(Error::VmxLockedOff)
+        );
+        assert_eq!(
+            vmx_availability(VMX, None, 0b000, 0),
+            Ok(false),
+            "unlocked: we enable it"
+        );
+    }
+
+    #[test]
+    fn fred_is_refused() {
+        assert_eq!(
+            vmx_availability(VMX, None, FC_OK, CR4_FRED),
+            Err(Error::FredEnabled)
+        );
+    }
+
+    #[test]
+    fn nested_under_hyperv_or_kvm_forwards_but_not_under_vmware() {
+        assert_eq!(
+            vmx_availability(VMX | HV, Some(*b"Microsoft Hv"), FC_OK, 0),
+            Ok(true)
+        );
+        assert_eq!(
+            vmx_availability(VMX | HV, Some(*b"KVMKVMKVM\0\0\0"), FC_OK, 0),
+            Ok(true)
+        );
+        assert_eq!(
+            vmx_availability(VMX | HV, Some(*b"VMwareVMware"), FC_OK, 0),
+            Ok(false)
+        );
+        assert_eq!(vmx_availability(VMX, None, FC_OK, 0), Ok(false));
+    }
 }

@@ -11,14 +11,20 @@
 )]
 
 pub mod arch;
+pub mod control;
+pub mod cpu;
 pub mod exit;
 pub mod hypervisor;
 pub mod intr;
+pub mod log_ring;
 pub mod platform;
 pub mod stats;
+pub mod vmx;
 
 pub use intr::Mode;
-pub use platform::{ApicAccess, CpuIndex, FatalKind, FatalState, PhysAddr, Platform, PlatformError};
+pub use platform::{
+    ApicAccess, CpuIndex, FatalKind, FatalState, PhysAddr, Platform, PlatformError,
+};
 
 /// Errors of the core, as seen outside root mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,10 +44,13 @@ pub enum Error {
     /// The CPU is already virtualized.
     AlreadyVirtualized,
     /// A required VMX control is missing; names the MSR that refused it.
-    Unsupported(&'static str),
+    Unsupported(vmx::caps::Missing),
     /// A VMX instruction failed outside root (VMXON, VMCLEAR, VMPTRLD, VMLAUNCH), with the
     /// VM-instruction error when there is one.
-    VmxInstruction { instruction: &'static str, error: u32 },
+    VmxInstruction {
+        instruction: &'static str,
+        error: u32,
+    },
     /// The hypervisor refused the request for now (vectors still pending); retry.
     Busy,
     /// More processors than the core's table holds.
@@ -52,6 +61,6 @@ pub enum Error {
 /// `[replay trampoline return, exit-sti window]`. Test kernels use them to tell where a handler
 /// ran; the driver uses them nowhere.
 pub fn root_interrupt_return_sites() -> [usize; 2] {
-    [0, 0]
+    intr::replay::return_sites()
 }
 pub use exit::hypercall;

@@ -117,6 +117,12 @@ pub trait Platform: Sync {
     fn host_cr3(&self) -> u64;
     /// How root reads this CPU's local APIC.
     fn apic(&self) -> ApicAccess;
+    /// IA32_DEBUGCTL as the guest starts with. The default reads the MSR; a platform whose CPU
+    /// lacks it (Bochs #GPs on it) returns 0.
+    fn debugctl(&self) -> u64 {
+        // SAFETY: IA32_DEBUGCTL exists on every VMX-capable Intel CPU.
+        unsafe { crate::arch::regs::rdmsr(crate::arch::msr::IA32_DEBUGCTL) }
+    }
     /// Raises IRQL to at least `to` around a replay and returns the previous IRQL (DESIGN §4).
     /// Called in VMX root with IF=0: must not fault, allocate, lock or log. The default writes
     /// CR8 directly, which is what IRQL is on x64 without NT's extra bookkeeping.

@@ -47,6 +47,7 @@ pub struct Stats {
     cycles_count: AtomicU64,
     cycles_sum: AtomicU64,
     cycles_max: AtomicU64,
+    handler_cycles_sum: AtomicU64,
     histogram: [AtomicU64; HISTOGRAM_BUCKETS],
 }
 
@@ -75,6 +76,8 @@ pub struct Snapshot {
     pub cycles_sum: u64,
     /// Largest single exit.
     pub cycles_max: u64,
+    /// Part of `cycles_sum` spent inside replayed handlers (the OS's code, not ours).
+    pub handler_cycles_sum: u64,
     /// Power-of-two histogram of the same deltas.
     pub histogram: [u64; HISTOGRAM_BUCKETS],
 }
@@ -86,8 +89,16 @@ fn bump(c: &AtomicU64) {
 
 /// Histogram bucket of a TSC delta: `floor(log2(delta))`, 0 for 0, clamped to the last bucket.
 pub const fn bucket(delta: u64) -> usize {
-    let b = if delta == 0 { 0 } else { 63 - delta.leading_zeros() as usize };
-    if b >= HISTOGRAM_BUCKETS { HISTOGRAM_BUCKETS - 1 } else { b }
+    let b = if delta == 0 {
+        0
+    } else {
+        63 - delta.leading_zeros() as usize
+    };
+    if b >= HISTOGRAM_BUCKETS {
+        HISTOGRAM_BUCKETS - 1
+    } else {
+        b
+    }
 }
 
 fn copy<const N: usize>(src: &[AtomicU64; N]) -> [u64; N] {
@@ -115,6 +126,7 @@ impl Stats {
             cycles_count: AtomicU64::new(0),
             cycles_sum: AtomicU64::new(0),
             cycles_max: AtomicU64::new(0),
+            handler_cycles_sum: AtomicU64::new(0),
             histogram: [const { AtomicU64::new(0) }; HISTOGRAM_BUCKETS],
         }
     }
@@ -176,13 +188,22 @@ impl Stats {
     pub fn cycles(&self, delta: u64) {
         bump(&self.cycles_count);
         let sum = self.cycles_sum.load(Ordering::Relaxed);
-        self.cycles_sum.store(sum.wrapping_add(delta), Ordering::Relaxed);
+        self.cycles_sum
+            .store(sum.wrapping_add(delta), Ordering::Relaxed);
         if delta > self.cycles_max.load(Ordering::Relaxed) {
             self.cycles_max.store(delta, Ordering::Relaxed);
         }
         if let Some(c) = self.histogram.get(bucket(delta)) {
             bump(c);
         }
+    }
+
+    /// Adds TSC cycles spent inside a replayed handler call.
+    #[inline(always)]
+    pub fn handler_cycles(&self, delta: u64) {
+        let sum = self.handler_cycles_sum.load(Ordering::Relaxed);
+        self.handler_cycles_sum
+            .store(sum.wrapping_add(delta), Ordering::Relaxed);
     }
 
     /// Zeroes every counter. Called from PASSIVE: a concurrent root-mode increment may survive.
@@ -202,6 +223,7 @@ impl Stats {
                 &self.cycles_count,
                 &self.cycles_sum,
                 &self.cycles_max,
+                &self.handler_cycles_sum,
             ]);
         for c in all {
             c.store(0, Ordering::Relaxed);
@@ -222,6 +244,7 @@ impl Stats {
             cycles_count: self.cycles_count.load(Ordering::Relaxed),
             cycles_sum: self.cycles_sum.load(Ordering::Relaxed),
             cycles_max: self.cycles_max.load(Ordering::Relaxed),
+            handler_cycles_sum: self.handler_cycles_sum.load(Ordering::Relaxed),
             histogram: copy(&self.histogram),
         }
     }
@@ -248,6 +271,7 @@ impl Snapshot {
             cycles_count: 0,
             cycles_sum: 0,
             cycles_max: 0,
+            handler_cycles_sum: 0,
             histogram: [0; HISTOGRAM_BUCKETS],
         }
     }
@@ -266,6 +290,9 @@ impl Snapshot {
         self.cycles_count = self.cycles_count.wrapping_add(other.cycles_count);
         self.cycles_sum = self.cycles_sum.wrapping_add(other.cycles_sum);
         self.cycles_max = self.cycles_max.max(other.cycles_max);
+        self.handler_cycles_sum = self
+            .handler_cycles_sum
+            .wrapping_add(other.handler_cycles_sum);
     }
 
     /// Total exits of every reason.
@@ -275,12 +302,16 @@ impl Snapshot {
 
     /// Total replays.
     pub fn total_replays(&self) -> u64 {
-        self.replays_by_vector.iter().fold(0, |a, b| a.wrapping_add(*b))
+        self.replays_by_vector
+            .iter()
+            .fold(0, |a, b| a.wrapping_add(*b))
     }
 
     /// Total injections.
     pub fn total_injections(&self) -> u64 {
-        self.injections_by_vector.iter().fold(0, |a, b| a.wrapping_add(*b))
+        self.injections_by_vector
+            .iter()
+            .fold(0, |a, b| a.wrapping_add(*b))
     }
 
     /// Count of one anomaly kind.

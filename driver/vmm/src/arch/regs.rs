@@ -7,7 +7,9 @@
 pub fn cr8() -> u8 {
     let v: u64;
     // SAFETY: reading CR8 has no side effects; this crate only runs at CPL 0.
-    unsafe { core::arch::asm!("mov {}, cr8", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, cr8", out(reg) v, options(nomem, nostack, preserves_flags))
+    };
     (v & 0xF) as u8
 }
 
@@ -41,4 +43,205 @@ pub unsafe fn set_cr8(v: u8) {
     unsafe {
         core::arch::asm!("mov cr8, {}", in(reg) u64::from(v & 0xF), options(nomem, nostack, preserves_flags))
     };
+}
+
+/// A descriptor-table register image (SGDT/SIDT/LGDT/LIDT operand).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DescriptorTable {
+    /// Limit (size - 1).
+    pub limit: u16,
+    /// Linear base.
+    pub base: u64,
+}
+
+/// Reads GDTR.
+#[inline(always)]
+pub fn sgdt() -> DescriptorTable {
+    let mut d = DescriptorTable::default();
+    // SAFETY: SGDT stores 10 bytes into `d`, which is exactly that large.
+    unsafe { core::arch::asm!("sgdt [{}]", in(reg) &mut d, options(nostack, preserves_flags)) };
+    d
+}
+
+/// Reads IDTR.
+#[inline(always)]
+pub fn sidt() -> DescriptorTable {
+    let mut d = DescriptorTable::default();
+    // SAFETY: SIDT stores 10 bytes into `d`, which is exactly that large.
+    unsafe { core::arch::asm!("sidt [{}]", in(reg) &mut d, options(nostack, preserves_flags)) };
+    d
+}
+
+/// Loads GDTR.
+///
+/// # Safety
+/// `d` must describe a valid GDT that stays alive while loaded.
+#[inline(always)]
+pub unsafe fn lgdt(d: &DescriptorTable) {
+    // SAFETY: caller's duty.
+    unsafe {
+        core::arch::asm!("lgdt [{}]", in(reg) d, options(readonly, nostack, preserves_flags))
+    };
+}
+
+/// Loads IDTR.
+///
+/// # Safety
+/// `d` must describe a valid IDT that stays alive while loaded.
+#[inline(always)]
+pub unsafe fn lidt(d: &DescriptorTable) {
+    // SAFETY: caller's duty.
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) d, options(readonly, nostack, preserves_flags))
+    };
+}
+
+macro_rules! read_reg {
+    ($(#[$m:meta])* $name:ident, $insn:literal, $ty:ty) => {
+        $(#[$m])*
+        #[inline(always)]
+        pub fn $name() -> $ty {
+            let v: $ty;
+            // SAFETY: reading this register has no side effects at CPL 0.
+            unsafe { core::arch::asm!($insn, out(reg) v, options(nomem, nostack, preserves_flags)) };
+            v
+        }
+    };
+}
+
+read_reg!(/// Reads CR0.
+    cr0, "mov {}, cr0", u64);
+read_reg!(/// Reads CR3.
+    cr3, "mov {}, cr3", u64);
+read_reg!(/// Reads CR4.
+    cr4, "mov {}, cr4", u64);
+read_reg!(/// Reads DR7.
+    dr7, "mov {}, dr7", u64);
+read_reg!(/// Reads CS.
+    cs, "mov {:x}, cs", u16);
+read_reg!(/// Reads SS.
+    ss, "mov {:x}, ss", u16);
+read_reg!(/// Reads DS.
+    ds, "mov {:x}, ds", u16);
+read_reg!(/// Reads ES.
+    es, "mov {:x}, es", u16);
+read_reg!(/// Reads FS.
+    fs, "mov {:x}, fs", u16);
+read_reg!(/// Reads GS.
+    gs, "mov {:x}, gs", u16);
+read_reg!(/// Reads the task register's selector.
+    tr, "str {:x}", u16);
+read_reg!(/// Reads the LDT selector.
+    ldtr, "sldt {:x}", u16);
+
+/// Reads RFLAGS.
+#[inline(always)]
+pub fn rflags() -> u64 {
+    let v: u64;
+    // SAFETY: PUSHFQ/POP only use the stack slot they free again.
+    unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) v, options(nomem, preserves_flags)) };
+    v
+}
+
+/// Writes CR0.
+///
+/// # Safety
+/// The value must keep paging and protection as the running code needs them.
+#[inline(always)]
+pub unsafe fn write_cr0(v: u64) {
+    // SAFETY: caller's duty.
+    unsafe { core::arch::asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Writes CR3.
+///
+/// # Safety
+/// `v` must map the running code, its stack and its data.
+#[inline(always)]
+pub unsafe fn write_cr3(v: u64) {
+    // SAFETY: caller's duty.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Writes CR4.
+///
+/// # Safety
+/// The value must keep paging and the running code's features enabled.
+#[inline(always)]
+pub unsafe fn write_cr4(v: u64) {
+    // SAFETY: caller's duty.
+    unsafe { core::arch::asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Writes DR7.
+///
+/// # Safety
+/// Enabling breakpoints changes how the OS's debug handler is entered.
+#[inline(always)]
+pub unsafe fn write_dr7(v: u64) {
+    // SAFETY: caller's duty.
+    unsafe { core::arch::asm!("mov dr7, {}", in(reg) v, options(nomem, nostack, preserves_flags)) };
+}
+
+/// Reads an MSR.
+///
+/// # Safety
+/// The MSR must exist on this CPU (else #GP).
+#[inline(always)]
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: caller's duty.
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags))
+    };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes an MSR.
+///
+/// # Safety
+/// The MSR must exist and the value must be valid and harmless to the running OS.
+#[inline(always)]
+pub unsafe fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: caller's duty.
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32,
+            options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Reads the time-stamp counter.
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the counter (CR4.TSD does not apply at CPL 0).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// CPUID leaf/subleaf → (eax, ebx, ecx, edx).
+#[inline(always)]
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Writes XCR `index`.
+///
+/// # Safety
+/// The value must have been validated against CPUID leaf 0xD (else #GP).
+#[inline(always)]
+pub unsafe fn xsetbv(index: u32, v: u64) {
+    // SAFETY: caller's duty.
+    unsafe {
+        core::arch::asm!("xsetbv", in("ecx") index, in("eax") v as u32, in("edx") (v >> 32) as u32,
+            options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Writes back and invalidates caches (what INVD is emulated as: never drop dirty lines).
+#[inline(always)]
+pub fn wbinvd() {
+    // SAFETY: WBINVD only flushes caches; no memory changes meaning.
+    unsafe { core::arch::asm!("wbinvd", options(nostack, preserves_flags)) };
 }

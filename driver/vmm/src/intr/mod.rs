@@ -1,3 +1,211 @@
-//! Interrupt modes, delivery policy and the external-interrupt exit path.
+//! Interrupt modes, delivery policy and the external-interrupt exit path (DESIGN §2–§4).
+//!
+//! **Runs in:** VMX root (IF=0, guest CR8), except [`mode`] and [`policy`] which are pure.
+
+pub mod inject;
 mod mode;
+pub mod pending;
+pub mod policy;
+pub mod replay;
+
 pub use mode::Mode;
+
+use crate::arch::regs;
+use crate::exit::ExitCtx;
+use crate::log_ring::LogKind;
+use crate::stats::Anomaly;
+use crate::vmx::fields::{ActivityState, ExitIntrInfo, Interruptibility, intr_type};
+use policy::{Delivery, GuestView, StiWindow, Vector, Wait};
+use x86::vmx::vmcs::{control::ExitControls, guest, ro};
+
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Reads what [`policy::decide`] needs.
+pub fn guest_view(ctx: &ExitCtx<'_>) -> GuestView {
+    let v = ctx.vmcs;
+    let ss_ar = v.read32(guest::SS_ACCESS_RIGHTS);
+    GuestView {
+        interrupts_enabled: v.read(guest::RFLAGS) & RFLAGS_IF != 0,
+        interruptibility: Interruptibility::from_raw(v.read32(guest::INTERRUPTIBILITY_STATE)),
+        cpl: ((ss_ar >> 5) & 3) as u8,
+        // No TPR shadow: root runs with the guest's CR8.
+        cr8: regs::cr8(),
+        rsp: v.read(guest::RSP),
+        activity: ActivityState::try_from(v.read32(guest::ACTIVITY_STATE))
+            .unwrap_or(ActivityState::Active),
+    }
+}
+
+/// Exit reason 1.
+pub fn on_external_interrupt(ctx: &mut ExitCtx<'_>) {
+    let info = ExitIntrInfo::from_raw(ctx.vmcs.read32(ro::VMEXIT_INTERRUPTION_INFO));
+    if !info.valid() {
+        if ctx.root.mode.acks_on_exit() {
+            // Ack was on yet nothing was acknowledged: the vector is still in the IRR, so the
+            // exit-sti path still delivers it. Counted, never dropped.
+            ctx.anomaly(Anomaly::InvalidIntrInfo, u64::from(info.raw()));
+        }
+        on_unacknowledged(ctx);
+        return;
+    }
+    if info.kind() != intr_type::EXTERNAL {
+        ctx.anomaly(Anomaly::UnexpectedIntrType, u64::from(info.raw()));
+        return;
+    }
+    let v = Vector(info.vector());
+    ctx.cpu.data.stats.extint(v.0);
+    let g = guest_view(ctx);
+    if ctx.root.pending.is_empty() {
+        match policy::decide(ctx.root.mode, v, &g) {
+            Delivery::Replay => {
+                replay_or_inject(ctx, v, &g);
+            }
+            Delivery::Inject => inject(ctx, v, &g),
+            Delivery::Defer(wait) => {
+                ctx.root.pending.insert(v);
+                ctx.cpu.data.stats.deferral();
+                let (window, cr8) = (wait == Wait::Window, wait == Wait::Priority);
+                inject::set_waits(ctx.vmcs, ctx.root, window, cr8);
+            }
+        }
+    } else {
+        // Older vectors wait: join them so delivery stays in priority order.
+        if !ctx.root.pending.insert(v) {
+            ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0));
+        }
+        deliver_pending(ctx, &g);
+        if ctx.root.pending.contains(v) {
+            ctx.cpu.data.stats.deferral();
+        }
+    }
+}
+
+/// Interrupt-window exit, or a CR8 load that may have unblocked a pending vector.
+pub fn on_window(ctx: &mut ExitCtx<'_>) {
+    let g = guest_view(ctx);
+    deliver_pending(ctx, &g);
+}
+
+/// Delivers pending vectors, highest first, while the guest can take them; re-arms the exit
+/// that brings the rest back.
+fn deliver_pending(ctx: &mut ExitCtx<'_>, g: &GuestView) {
+    let mut wait = None;
+    let mut injected = false;
+    while let Some(v) = ctx.root.pending.highest() {
+        match policy::decide(ctx.root.mode, v, g) {
+            Delivery::Replay => {
+                ctx.root.pending.remove(v);
+                injected = replay_or_inject(ctx, v, g);
+                if injected {
+                    break;
+                }
+            }
+            Delivery::Inject => {
+                ctx.root.pending.remove(v);
+                inject(ctx, v, g);
+                injected = true;
+                break;
+            }
+            Delivery::Defer(w) => {
+                wait = Some(w);
+                break;
+            }
+        }
+    }
+    let more = !ctx.root.pending.is_empty();
+    // One event per VM entry: after an injection the next window opens once the guest's handler
+    // re-enables interrupts.
+    let window = more && (injected || wait == Some(Wait::Window));
+    let cr8 = more && wait == Some(Wait::Priority);
+    inject::set_waits(ctx.vmcs, ctx.root, window, cr8);
+}
+
+/// Replays `v`; a rejected gate is counted and the vector injected. True if injected.
+fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
+    let base = ctx.vmcs.read(guest::IDTR_BASE);
+    let limit = ctx.vmcs.read(guest::IDTR_LIMIT) as u16;
+    let gate = replay::read_gate(base, limit, v);
+    let frame = policy::frame_stack(g.cpl, g.rsp);
+    let platform = ctx.root.platform;
+    let old = platform.map_or_else(
+        || regs::raise_cr8(policy::DISPATCH_LEVEL),
+        |p| p.raise_irql(policy::DISPATCH_LEVEL),
+    );
+    let result = replay::call_gate(
+        gate,
+        v,
+        limit,
+        ctx.root.kernel_cs,
+        ctx.root.kernel_ss,
+        frame,
+    );
+    match platform {
+        Some(p) => p.lower_irql(old),
+        None => regs::lower_cr8(old),
+    }
+    match result {
+        Ok(cycles) => {
+            ctx.cpu.data.stats.replay(v.0);
+            ctx.cpu.data.stats.handler_cycles(cycles);
+            wake(ctx, g);
+            false
+        }
+        Err(why) => {
+            ctx.cpu.data.stats.anomaly(Anomaly::RejectedGate);
+            ctx.log(LogKind::GateRejected, u64::from(v.0), why as u64);
+            inject(ctx, v, g);
+            true
+        }
+    }
+}
+
+fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
+    inject::external(ctx.vmcs, v.0);
+    ctx.cpu.data.stats.injection(v.0);
+    wake(ctx, g);
+}
+
+/// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
+fn wake(ctx: &ExitCtx<'_>, g: &GuestView) {
+    let next = policy::activity_after_delivery(g.activity);
+    if next != g.activity {
+        ctx.vmcs.set(guest::ACTIVITY_STATE, u64::from(next.raw()));
+    }
+}
+
+/// exit-sti (ack off): the vector is still in the IRR. DESIGN §2 policy.
+fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
+    let g = guest_view(ctx);
+    let apic = ctx.root.platform.map(|p| p.apic());
+    let highest = apic.and_then(crate::arch::apic::highest_irr).map(Vector);
+    match policy::sti_window(highest, &g) {
+        StiWindow::Open => {
+            ctx.cpu.data.stats.sti_window();
+            replay::sti_window();
+        }
+        StiWindow::GuestTakes => {
+            ctx.cpu.data.stats.guest_take();
+            inject::suspend_exiting(ctx.vmcs, ctx.root);
+        }
+    }
+}
+
+/// Writes `mode`'s controls into the current VMCS.
+pub fn apply_mode(ctx_vmcs: &crate::vmx::Vmcs, root: &mut crate::cpu::RootState, mode: Mode) {
+    root.mode = mode;
+    if root.exiting_suspended {
+        inject::resume_exiting(ctx_vmcs, root);
+    }
+    let pin = inject::mode_pin(root);
+    root.pin = pin;
+    ctx_vmcs.set(
+        x86::vmx::vmcs::control::PINBASED_EXEC_CONTROLS,
+        u64::from(pin),
+    );
+    let mut exit = root.controls.exit;
+    if mode.acks_on_exit() {
+        exit |= ExitControls::ACK_INTERRUPT_ON_EXIT.bits();
+    }
+    ctx_vmcs.set(x86::vmx::vmcs::control::VMEXIT_CONTROLS, u64::from(exit));
+}

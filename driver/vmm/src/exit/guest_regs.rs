@@ -1,0 +1,53 @@
+//! The guest's general-purpose registers as the exit stub saves them.
+//!
+//! **Runs in:** VMX root.
+
+/// GPRs in SDM register-number order (RAX=0 … R15=15), so an exit qualification's register
+/// field indexes them directly. The RSP slot is not the guest's RSP (that lives in the VMCS):
+/// the stub leaves it unused.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct GuestRegs {
+    /// The 16 GPRs.
+    pub gpr: [u64; 16],
+    /// TSC read by the stub right after saving the GPRs (start of the root-mode cost).
+    pub entry_tsc: u64,
+    _pad: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GuestRegs>() == 144);
+
+/// Register numbers used by handlers.
+pub mod reg {
+    /// RAX.
+    pub const RAX: usize = 0;
+    /// RCX.
+    pub const RCX: usize = 1;
+    /// RDX.
+    pub const RDX: usize = 2;
+    /// RBX.
+    pub const RBX: usize = 3;
+    /// RSP (not saved here).
+    pub const RSP: usize = 4;
+}
+
+impl GuestRegs {
+    /// Register `n` (0..16); out-of-range numbers read 0.
+    #[inline(always)]
+    pub fn get(&self, n: usize) -> u64 {
+        self.gpr.get(n).copied().unwrap_or(0)
+    }
+
+    /// Sets register `n` (0..16); out-of-range numbers are ignored.
+    #[inline(always)]
+    pub fn set(&mut self, n: usize, v: u64) {
+        if let Some(r) = self.gpr.get_mut(n) {
+            *r = v;
+        }
+    }
+
+    /// EDX:EAX as one value (RDMSR/WRMSR/XSETBV operands).
+    pub fn edx_eax(&self) -> u64 {
+        (self.get(reg::RDX) << 32) | (self.get(reg::RAX) & 0xFFFF_FFFF)
+    }
+}

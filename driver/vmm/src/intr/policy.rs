@@ -1,0 +1,433 @@
+//! Delivery decisions for an acknowledged vector, as plain functions (DESIGN §3, §4).
+//!
+//! **Runs in:** anywhere (pure).
+#![forbid(unsafe_code)]
+
+use super::Mode;
+use crate::arch::idt::{IdtGate, gate_type};
+use crate::vmx::fields::{ActivityState, Interruptibility};
+
+/// NT's DISPATCH_LEVEL: vectors of this class or lower exist to switch threads (DPC 0x2F,
+/// APC 0x1F) and are never replayed in root mode (DESIGN §4).
+pub const DISPATCH_LEVEL: u8 = 2;
+/// NT's DPC software-interrupt vector.
+pub const NT_DPC_VECTOR: u8 = 0x2F;
+/// First vector that is not an architectural exception.
+pub const FIRST_EXTERNAL_VECTOR: u8 = 0x20;
+
+/// An interrupt vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Vector(pub u8);
+
+impl Vector {
+    /// Priority class (what CR8 and the LAPIC's TPR compare against).
+    pub const fn class(self) -> u8 {
+        self.0 >> 4
+    }
+}
+
+/// The guest state the decision needs, read from the VMCS at the exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestView {
+    /// RFLAGS.IF.
+    pub interrupts_enabled: bool,
+    /// Blocking by STI / MOV SS / NMI.
+    pub interruptibility: Interruptibility,
+    /// Current privilege level (SS.DPL).
+    pub cpl: u8,
+    /// CR8 (task-priority class).
+    pub cr8: u8,
+    /// RSP.
+    pub rsp: u64,
+    /// Activity state.
+    pub activity: ActivityState,
+}
+
+impl GuestView {
+    /// The guest could accept an external interrupt at this instruction boundary (IF=1, no
+    /// STI/MOV-SS blocking). NMI blocking does not block external interrupts.
+    pub fn interruptible(&self) -> bool {
+        self.interrupts_enabled
+            && !self.interruptibility.blocking_by_sti()
+            && !self.interruptibility.blocking_by_mov_ss()
+    }
+}
+
+/// Why a vector waits in the pending set, and so which exit will bring it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// IF=0 or STI/MOV-SS blocking: interrupt-window exiting.
+    Window,
+    /// CR8 at or above the vector's class: CR8-load exiting.
+    Priority,
+}
+
+/// What to do with an acknowledged vector now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Call this CPU's IDT gate in root mode with a hand-built frame.
+    Replay,
+    /// Inject into the guest at the next VM entry.
+    Inject,
+    /// Keep it pending until the guest can take it.
+    Defer(Wait),
+}
+
+/// DESIGN §3 step 2 and §4: whether and how vector `v` reaches the guest now.
+///
+/// A vector is delivered only where a real interrupt could be: IF=1, no STI/MOV-SS blocking,
+/// and a class above the guest's CR8. Then: replay in `ack-replay`, except vectors of class ≤
+/// DISPATCH (their handlers switch threads) and while the guest blocks NMIs (the handler's
+/// IRETQ would unblock them), which are injected like every vector in the other modes.
+pub fn decide(mode: Mode, v: Vector, guest: &GuestView) -> Delivery {
+    if !guest.interruptible() {
+        return Delivery::Defer(Wait::Window);
+    }
+    if v.class() <= guest.cr8 {
+        return Delivery::Defer(Wait::Priority);
+    }
+    let replayable = v.class() > DISPATCH_LEVEL && !guest.interruptibility.blocking_by_nmi();
+    if mode == Mode::AckReplay && replayable {
+        Delivery::Replay
+    } else {
+        Delivery::Inject
+    }
+}
+
+/// Why a gate may not be called from root mode (FreeBSD bhyve's checks, DESIGN §3.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateRejection {
+    /// An exception vector (< 0x20).
+    ExceptionVector,
+    /// The entry lies past the IDT limit.
+    BeyondLimit,
+    /// Present bit clear.
+    NotPresent,
+    /// Not a 64-bit interrupt gate (a trap gate would run the handler with IF=1).
+    NotInterruptGate,
+    /// DPL ≠ 0.
+    UserGate,
+    /// Selector is not the kernel code segment.
+    WrongSelector,
+    /// IST ≠ 0: the CPU would switch stacks, our frame would not be where NT looks.
+    UsesIst,
+}
+
+/// Whether vector `v`'s IDT entry can be called from root: returns the handler address.
+/// `idt_limit` is the IDTR limit; `kernel_cs` the selector the handler must use.
+pub fn validate_gate(
+    v: Vector,
+    gate: Option<IdtGate>,
+    idt_limit: u16,
+    kernel_cs: u16,
+) -> Result<u64, GateRejection> {
+    if v.0 < FIRST_EXTERNAL_VECTOR {
+        return Err(GateRejection::ExceptionVector);
+    }
+    if gate_end(v) > u32::from(idt_limit) {
+        return Err(GateRejection::BeyondLimit);
+    }
+    let Some(g) = gate else {
+        return Err(GateRejection::BeyondLimit);
+    };
+    if !g.low.present() {
+        return Err(GateRejection::NotPresent);
+    }
+    if g.low.gate_type() != gate_type::INTERRUPT {
+        return Err(GateRejection::NotInterruptGate);
+    }
+    if g.low.dpl() != 0 {
+        return Err(GateRejection::UserGate);
+    }
+    if g.low.selector() != kernel_cs {
+        return Err(GateRejection::WrongSelector);
+    }
+    if g.low.ist() != 0 {
+        return Err(GateRejection::UsesIst);
+    }
+    Ok(g.offset())
+}
+
+/// Offset of the last byte of `v`'s gate in the IDT.
+pub const fn gate_end(v: Vector) -> u32 {
+    (v.0 as u32) * 16 + 15
+}
+
+/// Where the hand-built frame goes (DESIGN §3.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameStack {
+    /// Guest at CPL 0: on the guest's own stack, aligned down to 16 like the CPU does, so NT's
+    /// "already on the ISR stack?" check sees what a real interrupt would have shown it and
+    /// nested frames stack below the live ones.
+    Guest(u64),
+    /// Guest at CPL 3: on the VMM stack (NT switches to its idle ISR stack).
+    Vmm,
+}
+
+/// DESIGN §3.4: the stack the replay frame is built on.
+pub const fn frame_stack(cpl: u8, guest_rsp: u64) -> FrameStack {
+    if cpl == 0 {
+        FrameStack::Guest(guest_rsp & !0xF)
+    } else {
+        FrameStack::Vmm
+    }
+}
+
+/// A halted guest that got an interrupt would have woken: the activity state to enter with.
+pub const fn activity_after_delivery(_before: ActivityState) -> ActivityState {
+    ActivityState::Active
+}
+
+/// What exit-sti does with an exit whose vector is still in the IRR (DESIGN §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StiWindow {
+    /// Open an interrupt window in root: the CPU vectors through the host IDT.
+    Open,
+    /// Let the guest take the vector itself: enter with external-interrupt exiting off and turn
+    /// it back on at the next exit (forced by the preemption timer or MTF).
+    GuestTakes,
+}
+
+/// DESIGN §2's exit-sti policy. `highest_irr` is the highest vector requested in the LAPIC.
+/// Class ≤ DISPATCH vectors must not run in root; a guest that could not take the vector must
+/// not have it delivered behind its back; with no IRR bit visible the window is harmless.
+pub fn sti_window(highest_irr: Option<Vector>, guest: &GuestView) -> StiWindow {
+    match highest_irr {
+        None => StiWindow::Open,
+        Some(v) if v.class() <= DISPATCH_LEVEL => StiWindow::GuestTakes,
+        Some(v) if !guest.interruptible() || v.class() <= guest.cr8 => StiWindow::GuestTakes,
+        Some(_) if guest.interruptibility.blocking_by_nmi() => StiWindow::GuestTakes,
+        Some(_) => StiWindow::Open,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KCS: u16 = 0x10;
+
+    fn guest() -> GuestView {
+        GuestView {
+            interrupts_enabled: true,
+            interruptibility: Interruptibility::from_raw(0),
+            cpl: 0,
+            cr8: 0,
+            rsp: 0xFFFF_8000_0010_0008,
+            activity: ActivityState::Active,
+        }
+    }
+
+    fn blocking(raw: u32) -> GuestView {
+        GuestView {
+            interruptibility: Interruptibility::from_raw(raw),
+            ..guest()
+        }
+    }
+
+    #[test]
+    fn decide_replays_device_vectors_in_ack_replay() {
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x41), &guest()),
+            Delivery::Replay
+        );
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0xD1), &guest()),
+            Delivery::Replay
+        );
+    }
+
+    #[test]
+    fn decide_defers_when_guest_if_clear() {
+        let g = GuestView {
+            interrupts_enabled: false,
+            ..guest()
+        };
+        for mode in Mode::ALL {
+            assert_eq!(
+                decide(mode, Vector(0x41), &g),
+                Delivery::Defer(Wait::Window)
+            );
+        }
+    }
+
+    #[test]
+    fn decide_defers_under_sti_and_mov_ss_blocking() {
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x41), &blocking(1)),
+            Delivery::Defer(Wait::Window)
+        );
+        assert_eq!(
+            decide(Mode::AckInject, Vector(0x41), &blocking(2)),
+            Delivery::Defer(Wait::Window)
+        );
+    }
+
+    #[test]
+    fn decide_injects_instead_of_replaying_under_nmi_blocking() {
+        // The handler's IRETQ would unblock NMIs; injection is what hardware would do.
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x41), &blocking(8)),
+            Delivery::Inject
+        );
+    }
+
+    #[test]
+    fn decide_defers_when_cr8_at_or_above_class() {
+        let g = GuestView { cr8: 4, ..guest() };
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x41), &g),
+            Delivery::Defer(Wait::Priority)
+        );
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x4F), &g),
+            Delivery::Defer(Wait::Priority)
+        );
+        assert_eq!(decide(Mode::AckReplay, Vector(0x51), &g), Delivery::Replay);
+        assert_eq!(
+            decide(Mode::AckInject, Vector(0x31), &g),
+            Delivery::Defer(Wait::Priority)
+        );
+    }
+
+    #[test]
+    fn decide_window_wins_over_priority() {
+        let g = GuestView {
+            interrupts_enabled: false,
+            cr8: 0xF,
+            ..guest()
+        };
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x41), &g),
+            Delivery::Defer(Wait::Window)
+        );
+    }
+
+    #[test]
+    fn decide_injects_dispatch_class_vectors_never_replays_them() {
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(NT_DPC_VECTOR), &guest()),
+            Delivery::Inject
+        );
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x1F), &guest()),
+            Delivery::Inject
+        );
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x30), &guest()),
+            Delivery::Replay
+        );
+    }
+
+    #[test]
+    fn decide_injects_everything_in_other_modes() {
+        for mode in [Mode::AckInject, Mode::ExitSti, Mode::Passthrough] {
+            assert_eq!(decide(mode, Vector(0x41), &guest()), Delivery::Inject);
+        }
+    }
+
+    #[test]
+    fn decide_for_a_halted_guest_delivers_and_wakes_it() {
+        let g = GuestView {
+            activity: ActivityState::Hlt,
+            ..guest()
+        };
+        assert_eq!(decide(Mode::AckReplay, Vector(0x41), &g), Delivery::Replay);
+        assert_eq!(activity_after_delivery(g.activity), ActivityState::Active);
+    }
+
+    fn gate() -> IdtGate {
+        IdtGate::new(0xFFFF_F800_1234_5678, KCS, 0, gate_type::INTERRUPT, 0, true)
+    }
+
+    #[test]
+    fn validate_gate_accepts_a_kernel_interrupt_gate() {
+        assert_eq!(
+            validate_gate(Vector(0x41), Some(gate()), 0xFFF, KCS),
+            Ok(0xFFFF_F800_1234_5678)
+        );
+    }
+
+    #[test]
+    fn validate_gate_rejects_ist_dpl3_not_present_trap_and_wrong_selector() {
+        let with =
+            |ist, ty, dpl, present, sel| Some(IdtGate::new(0x1000, sel, ist, ty, dpl, present));
+        let v = Vector(0x41);
+        assert_eq!(
+            validate_gate(v, with(1, gate_type::INTERRUPT, 0, true, KCS), 0xFFF, KCS),
+            Err(GateRejection::UsesIst)
+        );
+        assert_eq!(
+            validate_gate(v, with(0, gate_type::INTERRUPT, 3, true, KCS), 0xFFF, KCS),
+            Err(GateRejection::UserGate)
+        );
+        assert_eq!(
+            validate_gate(v, with(0, gate_type::INTERRUPT, 0, false, KCS), 0xFFF, KCS),
+            Err(GateRejection::NotPresent)
+        );
+        assert_eq!(
+            validate_gate(v, with(0, gate_type::TRAP, 0, true, KCS), 0xFFF, KCS),
+            Err(GateRejection::NotInterruptGate)
+        );
+        assert_eq!(
+            validate_gate(v, with(0, 0xC, 0, true, KCS), 0xFFF, KCS),
+            Err(GateRejection::NotInterruptGate)
+        );
+        assert_eq!(
+            validate_gate(v, with(0, gate_type::INTERRUPT, 0, true, 0x08), 0xFFF, KCS),
+            Err(GateRejection::WrongSelector)
+        );
+    }
+
+    #[test]
+    fn validate_gate_rejects_exception_vectors_and_entries_past_the_limit() {
+        assert_eq!(
+            validate_gate(Vector(0x0E), Some(gate()), 0xFFF, KCS),
+            Err(GateRejection::ExceptionVector)
+        );
+        assert_eq!(
+            validate_gate(Vector(0x41), Some(gate()), 0x41 * 16 + 14, KCS),
+            Err(GateRejection::BeyondLimit)
+        );
+        assert_eq!(
+            validate_gate(Vector(0x41), Some(gate()), 0x41 * 16 + 15, KCS),
+            Ok(gate().offset())
+        );
+        assert_eq!(
+            validate_gate(Vector(0x41), None, 0xFFF, KCS),
+            Err(GateRejection::BeyondLimit)
+        );
+    }
+
+    #[test]
+    fn frame_goes_on_guest_stack_aligned_at_cpl0_and_vmm_stack_at_cpl3() {
+        assert_eq!(frame_stack(0, 0x1000_0008), FrameStack::Guest(0x1000_0000));
+        assert_eq!(frame_stack(0, 0x1000_0000), FrameStack::Guest(0x1000_0000));
+        assert_eq!(frame_stack(3, 0x7FF0_0008), FrameStack::Vmm);
+    }
+
+    #[test]
+    fn exit_sti_gives_dispatch_class_and_blocked_vectors_to_the_guest() {
+        assert_eq!(sti_window(Some(Vector(0x41)), &guest()), StiWindow::Open);
+        assert_eq!(
+            sti_window(Some(Vector(0x2F)), &guest()),
+            StiWindow::GuestTakes
+        );
+        let cli = GuestView {
+            interrupts_enabled: false,
+            ..guest()
+        };
+        assert_eq!(sti_window(Some(Vector(0x41)), &cli), StiWindow::GuestTakes);
+        let raised = GuestView { cr8: 5, ..guest() };
+        assert_eq!(
+            sti_window(Some(Vector(0x51)), &raised),
+            StiWindow::GuestTakes
+        );
+        assert_eq!(sti_window(Some(Vector(0x61)), &raised), StiWindow::Open);
+        assert_eq!(
+            sti_window(Some(Vector(0x61)), &blocking(1)),
+            StiWindow::GuestTakes
+        );
+        assert_eq!(sti_window(None, &guest()), StiWindow::Open);
+    }
+}

@@ -1,0 +1,107 @@
+//! Root-mode replay of an acknowledged vector through this CPU's IDT (DESIGN §3.4), and the
+//! exit-sti root interrupt window.
+//!
+//! **Runs in:** VMX root; the replayed handler runs with IF=0 until it enables interrupts
+//! itself, at IRQL ≥ DISPATCH.
+
+use super::policy::{self, FrameStack, GateRejection, Vector};
+use crate::arch::idt::IdtGate;
+
+/// Calls an interrupt handler the way the CPU would have: switch to `frame_rsp` (0 = stay on
+/// the VMM stack, aligned down to 16), push SS, the VMM's RSP, RFLAGS (IF=0), CS and CALL the
+/// gate target; the handler's IRETQ lands on `ackvisor_replay_return` with RSP = the VMM's.
+///
+/// ```text
+///   frame_rsp -> (guest's live data above)
+///               SS        = kernel SS
+///               RSP       = VMM RSP (rbp)     IRETQ returns onto the VMM stack
+///               RFLAGS    = root RFLAGS, IF=0
+///               CS        = kernel CS
+///   rsp at the CALL target -> return RIP = ackvisor_replay_return
+/// ```
+/// The handler preserves every register (interrupt handlers must); RBP anchors our frame
+/// because no unwinder knows that the callee returns with IRETQ (KVM's vmenter.S does the same).
+#[unsafe(naked)]
+unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u64, cs: u64) {
+    core::arch::naked_asm!(
+        "push rbp",                       // anchor: IRETQ brings RSP back to this value
+        "mov rbp, rsp",                   //
+        "test rsi, rsi",                  // DESIGN §3.4: guest CPL 0 -> its stack,
+        "jnz 1f",                         //
+        "mov rsi, rsp",                   //   CPL 3 -> ours,
+        "and rsi, -16",                   //   aligned like the CPU aligns interrupt frames
+        "1:",                             //
+        "mov rsp, rsi",                   // frame goes where a real interrupt's would
+        "push rdx",                       // SS
+        "push rbp",                       // RSP to return to: the VMM stack
+        "pushfq",                         // RFLAGS: root mode, IF=0
+        "push rcx",                       // CS: kernel, so the OS skips SWAPGS
+        "call rdi",                       // pushes RIP; the handler ends in IRETQ
+        ".global ackvisor_replay_return", //
+        "ackvisor_replay_return:",        // IRETQ resumes here with RSP = rbp
+        "mov rsp, rbp",                   // (already equal; states the invariant)
+        "pop rbp",                        //
+        "ret",                            //
+    )
+}
+
+/// exit-sti: `sti; nop; cli`. The interrupt is recognized after the NOP (STI's one-instruction
+/// shadow), so the CPU's frame holds RIP = `ackvisor_sti_window_return` (the CLI).
+#[unsafe(naked)]
+pub extern "sysv64" fn sti_window() {
+    core::arch::naked_asm!(
+        "sti", // IF=1 after the next instruction
+        "nop", // the shadow: interrupts arrive after this
+        ".global ackvisor_sti_window_return",
+        "ackvisor_sti_window_return:", // frame RIP of a root-mode delivery
+        "cli",                         //
+        "ret",                         //
+    )
+}
+
+unsafe extern "C" {
+    static ackvisor_replay_return: u8;
+    static ackvisor_sti_window_return: u8;
+}
+
+/// `[replay return, sti window return]` addresses.
+pub fn return_sites() -> [usize; 2] {
+    [
+        core::ptr::addr_of!(ackvisor_replay_return) as usize,
+        core::ptr::addr_of!(ackvisor_sti_window_return) as usize,
+    ]
+}
+
+/// Reads vector `v`'s gate from an IDT at `base` with `limit`, if the entry lies inside.
+pub fn read_gate(base: u64, limit: u16, v: Vector) -> Option<IdtGate> {
+    if policy::gate_end(v) > u32::from(limit) {
+        return None;
+    }
+    let p = (base + u64::from(v.0) * 16) as *const IdtGate;
+    // SAFETY: `base`/`limit` are this CPU's IDTR as the guest loaded it, mapped in the kernel
+    // address space root mode shares; the entry lies within the limit (checked above).
+    Some(unsafe { core::ptr::read_volatile(p) })
+}
+
+/// Validates and calls the gate; returns the TSC cycles spent in the handler.
+pub fn call_gate(
+    gate: Option<IdtGate>,
+    v: Vector,
+    idt_limit: u16,
+    kernel_cs: u16,
+    kernel_ss: u16,
+    frame: FrameStack,
+) -> Result<u64, GateRejection> {
+    let handler = policy::validate_gate(v, gate, idt_limit, kernel_cs)?;
+    let rsp = match frame {
+        FrameStack::Guest(rsp) => rsp,
+        FrameStack::Vmm => 0,
+    };
+    let t0 = crate::arch::regs::rdtsc();
+    // SAFETY: `handler` is a present 64-bit interrupt gate of this CPU's IDT with DPL 0, the
+    // kernel CS and no IST (validated above), i.e. an OS interrupt handler expecting exactly the
+    // frame built; the frame goes below the guest's own RSP at CPL 0 (the x64 kernel has no red
+    // zone; a real interrupt writes there too) or on our stack.
+    unsafe { replay_trampoline(handler, rsp, u64::from(kernel_ss), u64::from(kernel_cs)) };
+    Ok(crate::arch::regs::rdtsc().wrapping_sub(t0))
+}
