@@ -1,4 +1,32 @@
-//! ackvisor-vmm: the portable VT-x core of ackvisor (placeholder docs, rewritten below).
+//! ackvisor-vmm: the portable VT-x core of ackvisor. It virtualizes the running OS on each
+//! processor ("blue pill"), takes external interrupts as VM exits with *acknowledge interrupt on
+//! exit* set, and delivers each vector through the OS's own IDT with a hand-built frame.
+//! No OS calls: it reaches its host only through [`Platform`].
+//!
+//! # One external interrupt through the code (`ack-replay`)
+//! 1. Vector V arrives in the guest: exit reason 1, ack-on-exit moves V from IRR to ISR.
+//!    HOST_RIP is [`exit::stub::vm_exit_entry`], HOST_RSP this CPU's stack with `&PerCpu`
+//!    ([`cpu::PerCpu`]) in its top slot.
+//! 2. The stub saves the GPRs into [`exit::guest_regs::GuestRegs`], the TSC and XMM0–15, and
+//!    calls the dispatcher.
+//! 3. The dispatcher reads the reason through [`vmx::Vmcs`] and counts it in [`stats`]; reason 1
+//!    goes straight to [`intr::on_external_interrupt`], the rest through the handler table.
+//! 4. It decodes [`vmx::fields::ExitIntrInfo`] (invalid or not type 0: an anomaly in [`stats`]
+//!    and [`log_ring`]) and calls [`intr::policy::decide`] with the guest's IF, blocking, CPL,
+//!    CR8 and activity state.
+//! 5. Defer: [`intr::pending::PendingSet`] keeps V; interrupt-window or CR8-load exiting
+//!    ([`intr::inject::set_waits`]) brings it back to [`intr::on_window`].
+//! 6. Inject (class ≤ DISPATCH, rejected gate, NMI blocking, or mode `ack-inject`):
+//!    [`intr::inject::external`] writes [`vmx::fields::EntryIntrInfo`].
+//! 7. Replay: the gate from *this* CPU's IDT ([`intr::replay::read_gate`]) is checked by
+//!    [`intr::policy::validate_gate`]; [`intr::policy::frame_stack`] picks the stack;
+//!    IRQL goes to ≥ 2 ([`Platform::raise_irql`]); [`intr::replay::call_gate`] builds the frame
+//!    and calls the handler, whose IRETQ returns into the trampoline. IRQL is restored, a halted
+//!    guest marked active, the replay counted.
+//! 8. The dispatcher adds the TSC delta to the histogram; the stub restores registers and runs
+//!    VMRESUME (a VMfail ends in [`Platform::fatal`]).
+//! 9. At PASSIVE, [`hypervisor::cpu_state`] and [`control`] serve `ackctl`;
+//!    [`hypervisor::drain_log`] empties [`log_ring`].
 #![no_std]
 #![cfg_attr(
     not(test),
@@ -64,3 +92,23 @@ pub fn root_interrupt_return_sites() -> [usize; 2] {
     intr::replay::return_sites()
 }
 pub use exit::hypercall;
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Error::Platform(e) => write!(f, "platform: {e}"),
+            Error::NoVmx => f.write_str("VT-x not present (CPUID.1:ECX.VMX = 0)"),
+            Error::VmxLockedOff => f.write_str("VT-x disabled and locked in IA32_FEATURE_CONTROL (enable it in firmware)"),
+            Error::ForeignHypervisor => f.write_str("VT-x is owned by another hypervisor (Hyper-V/VBS/HVCI)"),
+            Error::FredEnabled => f.write_str("CR4.FRED is set: interrupts bypass the IDT, replay cannot work"),
+            Error::NotVirtualized => f.write_str("processor is not virtualized"),
+            Error::AlreadyVirtualized => f.write_str("processor is already virtualized"),
+            Error::Unsupported(m) => write!(f, "{m}"),
+            Error::VmxInstruction { instruction, error } => {
+                write!(f, "{instruction} failed (VM-instruction error {error})")
+            }
+            Error::Busy => f.write_str("vectors still pending on this processor; retry"),
+            Error::TooManyCpus => f.write_str("more processors than ackvisor supports"),
+        }
+    }
+}

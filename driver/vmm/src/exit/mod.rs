@@ -146,20 +146,18 @@ pub(crate) extern "sysv64" fn dispatch(regs: &mut GuestRegs, cpu: &PerCpu) -> u6
     match action {
         ExitAction::Resume => 0,
         ExitAction::Devirtualize => 1,
-        ExitAction::Fatal(state) => stop(&ctx, state),
+        ExitAction::Fatal(state) => stop(&mut ctx, state),
     }
 }
 
-fn stop(ctx: &ExitCtx<'_>, state: FatalState) -> ! {
+fn stop(ctx: &mut ExitCtx<'_>, state: FatalState) -> ! {
     ctx.log(
         LogKind::Fatal,
         u64::from(state.exit_reason),
         state.guest_rip,
     );
-    // SAFETY: this CPU's root, as in `dispatch`; the earlier reference is no longer used.
-    let root = unsafe { ctx.cpu.root() };
-    root.fatal = Some(state);
-    match root.platform {
+    ctx.root.fatal = Some(state);
+    match ctx.root.platform {
         Some(p) => p.fatal(&state),
         None => loop {
             core::hint::spin_loop();

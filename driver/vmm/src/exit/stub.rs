@@ -1,5 +1,5 @@
 //! The two assembly entry points of root mode: the blue-pill launch, and the VM-exit stub that
-//! saves the guest's registers, calls [`super::dispatch`] and resumes (or devirtualizes).
+//! saves the guest's registers, calls `exit::dispatch` and resumes (or devirtualizes).
 //!
 //! VM entry and exit, as the code relies on them (SDM 3C, "VM Entries", "VM Exits"):
 //! 1. VMLAUNCH loads the guest state from the VMCS. GPRs are not in the VMCS, so the guest
@@ -9,7 +9,7 @@
 //!    ([`vm_exit_entry`]), with RFLAGS = 0x2 (IF=0). GPRs still hold the guest's values.
 //! 3. The stub saves the 16 GPRs (SDM order) as a `GuestRegs`, the TSC, and XMM0–15/MXCSR with
 //!    FXSAVE (root code may use SSE; the guest's vector state must survive it).
-//! 4. [`super::dispatch`] returns 0 to resume or 1 to leave VMX operation; in the second case
+//! 4. `exit::dispatch` returns 0 to resume or 1 to leave VMX operation; in the second case
 //!    VMXOFF has already run and `CpuData::devirt_rsp` points at [RFLAGS, RIP] on the guest's
 //!    stack, so POPFQ + RET continue the former guest.
 //!

@@ -1,6 +1,6 @@
 //! Interrupt modes, delivery policy and the external-interrupt exit path (DESIGN §2–§4).
 //!
-//! **Runs in:** VMX root (IF=0, guest CR8), except [`mode`] and [`policy`] which are pure.
+//! **Runs in:** VMX root (IF=0, guest CR8), except `mode` and [`policy`], which are pure.
 
 pub mod inject;
 mod mode;
