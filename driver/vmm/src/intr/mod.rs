@@ -22,6 +22,7 @@ use x86::vmx::vmcs::{control::ExitControls, guest, ro};
 const RFLAGS_IF: u64 = 1 << 9;
 
 /// Reads what [`policy::decide`] needs.
+#[inline(always)]
 pub fn guest_view(ctx: &ExitCtx<'_>) -> GuestView {
     let v = ctx.vmcs;
     let ss_ar = v.read32(guest::SS_ACCESS_RIGHTS);
@@ -38,6 +39,7 @@ pub fn guest_view(ctx: &ExitCtx<'_>) -> GuestView {
 }
 
 /// Exit reason 1.
+#[inline(always)]
 pub fn on_external_interrupt(ctx: &mut ExitCtx<'_>) {
     let info = ExitIntrInfo::from_raw(ctx.vmcs.read32(ro::VMEXIT_INTERRUPTION_INFO));
     if !info.valid() {
@@ -122,6 +124,7 @@ fn deliver_pending(ctx: &mut ExitCtx<'_>, g: &GuestView) {
 }
 
 /// Replays `v`; a rejected gate is counted and the vector injected. True if injected.
+#[inline(always)]
 fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     let base = ctx.vmcs.read(guest::IDTR_BASE);
     let limit = ctx.vmcs.read(guest::IDTR_LIMIT) as u16;
@@ -160,6 +163,7 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     }
 }
 
+#[inline(always)]
 fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
     inject::external(ctx.vmcs, v.0);
     ctx.cpu.data.stats.injection(v.0);
@@ -167,6 +171,7 @@ fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
 }
 
 /// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
+#[inline(always)]
 fn wake(ctx: &ExitCtx<'_>, g: &GuestView) {
     let next = policy::activity_after_delivery(g.activity);
     if next != g.activity {

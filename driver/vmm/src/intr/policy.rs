@@ -79,6 +79,7 @@ pub enum Delivery {
 /// and a class above the guest's CR8. Then: replay in `ack-replay`, except vectors of class ≤
 /// DISPATCH (their handlers switch threads) and while the guest blocks NMIs (the handler's
 /// IRETQ would unblock them), which are injected like every vector in the other modes.
+#[inline(always)]
 pub fn decide(mode: Mode, v: Vector, guest: &GuestView) -> Delivery {
     if !guest.interruptible() {
         return Delivery::Defer(Wait::Window);
@@ -115,6 +116,7 @@ pub enum GateRejection {
 
 /// Whether vector `v`'s IDT entry can be called from root: returns the handler address.
 /// `idt_limit` is the IDTR limit; `kernel_cs` the selector the handler must use.
+#[inline(always)]
 pub fn validate_gate(
     v: Vector,
     gate: Option<IdtGate>,

@@ -73,6 +73,7 @@ pub fn return_sites() -> [usize; 2] {
 }
 
 /// Reads vector `v`'s gate from an IDT at `base` with `limit`, if the entry lies inside.
+#[inline(always)]
 pub fn read_gate(base: u64, limit: u16, v: Vector) -> Option<IdtGate> {
     if policy::gate_end(v) > u32::from(limit) {
         return None;
@@ -84,6 +85,7 @@ pub fn read_gate(base: u64, limit: u16, v: Vector) -> Option<IdtGate> {
 }
 
 /// Validates and calls the gate; returns the TSC cycles spent in the handler.
+#[inline(always)]
 pub fn call_gate(
     gate: Option<IdtGate>,
     v: Vector,
