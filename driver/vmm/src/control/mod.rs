@@ -1,0 +1,416 @@
+//! The control protocol: what `ackctl` may ask the hypervisor, and the one dispatcher every
+//! platform routes requests to (NT's IRP_MJ_DEVICE_CONTROL, the test machine's COM1 server).
+//!
+//! - [`wire`]: IOCTL codes, versioned `#[repr(C)]` structs, their codec, status codes.
+//! - [`frame`]: framing over a byte stream (the test machine's serial link).
+//! - [`serve`]: one step of a frame server: received bytes in, reply frame out.
+//! - [`ControlError`]: every refusal, with the numbers needed to correct it.
+//!
+//! Every check runs before anything changes: a refused request leaves the hypervisor as it was.
+//! Nothing here allocates or panics; lengths come from the request's struct, never from the
+//! caller's buffer sizes alone.
+//!
+//! **Runs in:** PASSIVE (the caller's thread; the broadcast in `set_mode_all` waits for CPUs).
+#![forbid(unsafe_code)]
+
+mod codec;
+mod error;
+pub mod frame;
+pub mod serve;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{ControlError, CoreFailure};
+
+use core::mem::offset_of;
+
+use crate::Error;
+use crate::hypervisor::{self, CpuState, Features};
+use crate::intr::Mode;
+use crate::platform::CpuIndex;
+use error::saturate;
+use wire::{
+    CpuModeEntry, CpuStats, Field, MAX_REQUEST_BYTES, PROTOCOL_VERSION, ReplyHeader, RequestHeader,
+    ResetStatsReply, ResetStatsRequest, SetModeReply, SetModeRequest, StatsReply, StatsRequest,
+    StatusReply, StatusRequest,
+};
+
+/// What the dispatcher needs from the hypervisor: the core's PASSIVE-level API
+/// (`crate::hypervisor`), as a trait so tests and other platforms can stand in for it.
+pub trait ControlTarget {
+    /// Applies `mode` on every CPU; returns once each has applied it, or the first that failed.
+    fn set_mode_all(&self, mode: Mode) -> Result<(), (CpuIndex, Error)>;
+    /// One CPU's mode and counters, `None` when it is not virtualized.
+    fn cpu_state(&self, cpu: CpuIndex) -> Option<CpuState>;
+    /// Zeroes every CPU's counters.
+    fn reset_stats(&self);
+    /// CPUs the platform reports.
+    fn cpu_count(&self) -> u32;
+    /// CPUs virtualized now.
+    fn virtualized_count(&self) -> u32;
+    /// Bytes of memory one virtualized CPU holds.
+    fn bytes_per_cpu(&self) -> usize;
+    /// The VMX features found, once a CPU was probed.
+    fn features(&self) -> Option<Features>;
+}
+
+/// The running hypervisor: each method calls its namesake in [`crate::hypervisor`].
+pub struct Live;
+
+impl ControlTarget for Live {
+    fn set_mode_all(&self, mode: Mode) -> Result<(), (CpuIndex, Error)> {
+        hypervisor::set_mode_all(mode)
+    }
+    fn cpu_state(&self, cpu: CpuIndex) -> Option<CpuState> {
+        hypervisor::cpu_state(cpu)
+    }
+    fn reset_stats(&self) {
+        hypervisor::reset_stats();
+    }
+    fn cpu_count(&self) -> u32 {
+        hypervisor::cpu_count()
+    }
+    fn virtualized_count(&self) -> u32 {
+        hypervisor::virtualized_count()
+    }
+    fn bytes_per_cpu(&self) -> usize {
+        hypervisor::bytes_per_cpu()
+    }
+    fn features(&self) -> Option<Features> {
+        hypervisor::features()
+    }
+}
+
+/// A decoded, validated request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// [`wire::IOCTL_STATUS`].
+    Status,
+    /// [`wire::IOCTL_SET_MODE`].
+    SetMode(Mode),
+    /// [`wire::IOCTL_STATS`].
+    Stats {
+        /// Append one entry per CPU after the aggregate.
+        per_cpu: bool,
+    },
+    /// [`wire::IOCTL_RESET_STATS`].
+    ResetStats,
+}
+
+/// Size of the input struct a code takes, `None` for an unknown code.
+pub const fn input_size(code: u32) -> Option<usize> {
+    match code {
+        wire::IOCTL_STATUS => Some(StatusRequest::SIZE),
+        wire::IOCTL_SET_MODE => Some(SetModeRequest::SIZE),
+        wire::IOCTL_STATS => Some(StatsRequest::SIZE),
+        wire::IOCTL_RESET_STATS => Some(ResetStatsRequest::SIZE),
+        _ => None,
+    }
+}
+
+impl Request {
+    /// Its IOCTL code.
+    pub const fn code(self) -> u32 {
+        match self {
+            Self::Status => wire::IOCTL_STATUS,
+            Self::SetMode(_) => wire::IOCTL_SET_MODE,
+            Self::Stats { .. } => wire::IOCTL_STATS,
+            Self::ResetStats => wire::IOCTL_RESET_STATS,
+        }
+    }
+
+    /// Its input bytes at this protocol version: the buffer and how much of it is used.
+    pub fn encode(self) -> ([u8; MAX_REQUEST_BYTES], usize) {
+        let header = RequestHeader::CURRENT;
+        let mut buf = [0u8; MAX_REQUEST_BYTES];
+        let n = match self {
+            Self::Status => StatusRequest { header }.encode(&mut buf),
+            Self::SetMode(mode) => SetModeRequest {
+                header,
+                mode: mode as u32,
+                reserved: 0,
+            }
+            .encode(&mut buf),
+            Self::Stats { per_cpu } => StatsRequest {
+                header,
+                flags: if per_cpu { wire::STATS_PER_CPU } else { 0 },
+                reserved: 0,
+            }
+            .encode(&mut buf),
+            Self::ResetStats => ResetStatsRequest { header }.encode(&mut buf),
+        };
+        // Every request struct fits MAX_REQUEST_BYTES (asserted in wire's tests).
+        (buf, n.unwrap_or(0))
+    }
+
+    /// Validates a request: code, version, exact size, reserved fields, values, in that order
+    /// (the version before the size, so a client of another version is told that, not a size).
+    pub fn parse(code: u32, input: &[u8]) -> Result<Self, ControlError> {
+        let expected = input_size(code).ok_or(ControlError::UnknownCode { code })?;
+        let size_error = ControlError::WrongInputSize {
+            expected: saturate(expected),
+            got: saturate(input.len()),
+        };
+        let (header, _) = RequestHeader::decode_prefix(input).ok_or(size_error)?;
+        if header.version != PROTOCOL_VERSION {
+            return Err(ControlError::VersionMismatch {
+                supported: PROTOCOL_VERSION,
+                got: header.version,
+            });
+        }
+        if input.len() != expected {
+            return Err(size_error);
+        }
+        if header.reserved != 0 {
+            return Err(reserved_at(offset_of!(RequestHeader, reserved)));
+        }
+        match code {
+            wire::IOCTL_STATUS => Ok(Self::Status),
+            wire::IOCTL_RESET_STATS => Ok(Self::ResetStats),
+            wire::IOCTL_SET_MODE => {
+                let r = SetModeRequest::decode(input).ok_or(size_error)?;
+                if r.reserved != 0 {
+                    return Err(reserved_at(offset_of!(SetModeRequest, reserved)));
+                }
+                Mode::try_from(r.mode)
+                    .map(Self::SetMode)
+                    .map_err(|mode| ControlError::UnknownMode { mode })
+            }
+            wire::IOCTL_STATS => {
+                let r = StatsRequest::decode(input).ok_or(size_error)?;
+                if r.reserved != 0 {
+                    return Err(reserved_at(offset_of!(StatsRequest, reserved)));
+                }
+                let unknown = r.flags & !wire::STATS_KNOWN_FLAGS;
+                if unknown != 0 {
+                    return Err(ControlError::UnknownFlags { flags: unknown });
+                }
+                Ok(Self::Stats {
+                    per_cpu: r.flags & wire::STATS_PER_CPU != 0,
+                })
+            }
+            _ => Err(ControlError::UnknownCode { code }),
+        }
+    }
+}
+
+fn reserved_at(offset: usize) -> ControlError {
+    ControlError::ReservedNotZero {
+        offset: saturate(offset),
+    }
+}
+
+/// Handles one control request: `code` with `input`, reply into `output`. Returns the reply's
+/// length, or why it was refused; a refused request changed nothing (except a
+/// [`ControlError::SetModeFailed`] broadcast, which names the CPU that stopped it).
+///
+/// `input` and `output` must not overlap: a platform with one shared buffer (NT's
+/// METHOD_BUFFERED) copies the input first; it is at most [`wire::MAX_REQUEST_BYTES`].
+pub fn dispatch(
+    target: &dyn ControlTarget,
+    code: u32,
+    input: &[u8],
+    output: &mut [u8],
+) -> Result<usize, ControlError> {
+    match Request::parse(code, input)? {
+        Request::Status => status(target, output),
+        Request::SetMode(mode) => set_mode(target, mode, output),
+        Request::Stats { per_cpu } => stats(target, per_cpu, output),
+        Request::ResetStats => reset_stats(target, output),
+    }
+}
+
+/// `fixed + count * entry` as a reply size, refused past `u32::MAX`.
+fn reply_size(fixed: usize, count: u32, entry: usize, cpus: u32) -> Result<usize, ControlError> {
+    (count as usize)
+        .checked_mul(entry)
+        .and_then(|n| n.checked_add(fixed))
+        .filter(|&n| n <= u32::MAX as usize)
+        .ok_or(ControlError::ReplyTooLarge { cpus })
+}
+
+/// The first `needed` bytes of `output`, or the size-query answer.
+fn reply_buffer(output: &mut [u8], needed: usize) -> Result<&mut [u8], ControlError> {
+    let got = saturate(output.len());
+    output
+        .get_mut(..needed)
+        .ok_or(ControlError::OutputTooSmall {
+            needed: saturate(needed),
+            got,
+        })
+}
+
+fn header(size: usize) -> ReplyHeader {
+    ReplyHeader {
+        version: PROTOCOL_VERSION,
+        size: saturate(size),
+    }
+}
+
+/// Encoding into a buffer already checked to be large enough cannot fail; if it ever did, say
+/// the buffer was too small rather than panic.
+fn encoded(n: Option<usize>, needed: usize, output_len: usize) -> Result<(), ControlError> {
+    n.map(|_| ()).ok_or(ControlError::OutputTooSmall {
+        needed: saturate(needed),
+        got: saturate(output_len),
+    })
+}
+
+fn mode_of(state: Option<&CpuState>) -> u32 {
+    state.map_or(wire::MODE_NOT_VIRTUALIZED, |s| s.mode as u32)
+}
+
+fn status(target: &dyn ControlTarget, output: &mut [u8]) -> Result<usize, ControlError> {
+    let cpus = target.cpu_count();
+    let needed = reply_size(StatusReply::SIZE, cpus, CpuModeEntry::SIZE, cpus)?;
+    let len = output.len();
+    let out = reply_buffer(output, needed)?;
+    let (head, entries) = out.split_at_mut(StatusReply::SIZE);
+    let reply = StatusReply {
+        header: header(needed),
+        build_version: wire::BUILD_VERSION,
+        cpu_count: cpus,
+        virtualized_count: target.virtualized_count(),
+        features: wire::features_to_bits(target.features()),
+        bytes_per_cpu: target.bytes_per_cpu() as u64,
+        entry_size: saturate(CpuModeEntry::SIZE),
+        reserved: 0,
+    };
+    encoded(reply.encode(head), needed, len)?;
+    for (cpu, slot) in (0..cpus).zip(entries.chunks_exact_mut(CpuModeEntry::SIZE)) {
+        let state = target.cpu_state(CpuIndex(cpu));
+        let entry = CpuModeEntry {
+            cpu,
+            mode: mode_of(state.as_ref()),
+        };
+        encoded(entry.encode(slot), needed, len)?;
+    }
+    Ok(needed)
+}
+
+fn set_mode(
+    target: &dyn ControlTarget,
+    mode: Mode,
+    output: &mut [u8],
+) -> Result<usize, ControlError> {
+    if target.virtualized_count() == 0 {
+        return Err(ControlError::NotVirtualized);
+    }
+    let needed = SetModeReply::SIZE;
+    let len = output.len();
+    let out = reply_buffer(output, needed)?;
+    target
+        .set_mode_all(mode)
+        .map_err(|(cpu, e)| ControlError::SetModeFailed {
+            cpu: cpu.0,
+            reason: CoreFailure::from_error(e),
+        })?;
+    let reply = SetModeReply {
+        header: header(needed),
+        mode: mode as u32,
+        cpus_applied: target.virtualized_count(),
+    };
+    encoded(reply.encode(out), needed, len)?;
+    Ok(needed)
+}
+
+fn reset_stats(target: &dyn ControlTarget, output: &mut [u8]) -> Result<usize, ControlError> {
+    if target.virtualized_count() == 0 {
+        return Err(ControlError::NotVirtualized);
+    }
+    let needed = ResetStatsReply::SIZE;
+    let len = output.len();
+    let out = reply_buffer(output, needed)?;
+    target.reset_stats();
+    let reply = ResetStatsReply {
+        header: header(needed),
+        cpus_reset: target.virtualized_count(),
+        reserved: 0,
+    };
+    encoded(reply.encode(out), needed, len)?;
+    Ok(needed)
+}
+
+fn stats(
+    target: &dyn ControlTarget,
+    per_cpu: bool,
+    output: &mut [u8],
+) -> Result<usize, ControlError> {
+    if target.virtualized_count() == 0 {
+        return Err(ControlError::NotVirtualized);
+    }
+    let cpus = target.cpu_count();
+    let entries = if per_cpu {
+        cpus.checked_add(1)
+            .ok_or(ControlError::ReplyTooLarge { cpus })?
+    } else {
+        1
+    };
+    let needed = reply_size(StatsReply::SIZE, entries, CpuStats::SIZE, cpus)?;
+    let len = output.len();
+    let out = reply_buffer(output, needed)?;
+    let (head, body) = out.split_at_mut(StatsReply::SIZE);
+    let (aggregate, per_cpu_entries) = body.split_at_mut(CpuStats::SIZE);
+    // The aggregate is summed in place in the reply, one CPU at a time, so no more than one
+    // snapshot (7 KiB) is ever on the stack: this runs on NT's 24 KiB kernel stack.
+    aggregate.fill(0);
+    let mut slots = per_cpu_entries.chunks_exact_mut(CpuStats::SIZE);
+    let mut virtualized = 0u32;
+    let mut common_mode = wire::MODE_NOT_VIRTUALIZED;
+    for cpu in 0..cpus {
+        let state = target.cpu_state(CpuIndex(cpu));
+        if let Some(s) = &state {
+            virtualized = virtualized.wrapping_add(1);
+            encoded(
+                wire::accumulate_cpu_stats(aggregate, &s.stats).map(|()| 0),
+                needed,
+                len,
+            )?;
+            common_mode = match common_mode {
+                wire::MODE_NOT_VIRTUALIZED => s.mode as u32,
+                m if m == s.mode as u32 => m,
+                _ => wire::MODE_MIXED,
+            };
+        }
+        if per_cpu {
+            let slot = slots.next().ok_or(ControlError::OutputTooSmall {
+                needed: saturate(needed),
+                got: saturate(len),
+            })?;
+            match &state {
+                Some(s) => encoded(
+                    wire::encode_cpu_stats(cpu, s.mode as u32, &s.stats, slot),
+                    needed,
+                    len,
+                )?,
+                None => {
+                    slot.fill(0);
+                    let head = (cpu, wire::MODE_NOT_VIRTUALIZED);
+                    encoded(head.0.encode(slot), needed, len)?;
+                    encoded(
+                        head.1.encode(slot.get_mut(4..).unwrap_or(&mut [])),
+                        needed,
+                        len,
+                    )?;
+                }
+            }
+        }
+    }
+    encoded(wire::AGGREGATE_CPU.encode(aggregate), needed, len)?;
+    encoded(
+        common_mode.encode(aggregate.get_mut(4..).unwrap_or(&mut [])),
+        needed,
+        len,
+    )?;
+    let reply = StatsReply {
+        header: header(needed),
+        cpu_count: cpus,
+        virtualized_count: virtualized,
+        entries,
+        entry_size: saturate(CpuStats::SIZE),
+    };
+    encoded(reply.encode(head), needed, len)?;
+    Ok(needed)
+}
