@@ -98,9 +98,15 @@ impl core::fmt::Display for Error {
         match self {
             Error::Platform(e) => write!(f, "platform: {e}"),
             Error::NoVmx => f.write_str("VT-x not present (CPUID.1:ECX.VMX = 0)"),
-            Error::VmxLockedOff => f.write_str("VT-x disabled and locked in IA32_FEATURE_CONTROL (enable it in firmware)"),
-            Error::ForeignHypervisor => f.write_str("VT-x is owned by another hypervisor (Hyper-V/VBS/HVCI)"),
-            Error::FredEnabled => f.write_str("CR4.FRED is set: interrupts bypass the IDT, replay cannot work"),
+            Error::VmxLockedOff => f.write_str(
+                "VT-x disabled and locked in IA32_FEATURE_CONTROL (enable it in firmware)",
+            ),
+            Error::ForeignHypervisor => {
+                f.write_str("VT-x is owned by another hypervisor (Hyper-V/VBS/HVCI)")
+            }
+            Error::FredEnabled => {
+                f.write_str("CR4.FRED is set: interrupts bypass the IDT, replay cannot work")
+            }
             Error::NotVirtualized => f.write_str("processor is not virtualized"),
             Error::AlreadyVirtualized => f.write_str("processor is already virtualized"),
             Error::Unsupported(m) => write!(f, "{m}"),

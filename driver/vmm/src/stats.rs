@@ -195,7 +195,8 @@ impl Stats {
         // The count and sum stay without the `stats` feature: they are the benchmark's
         // instrument.
         let count = self.cycles_count.load(Ordering::Relaxed);
-        self.cycles_count.store(count.wrapping_add(1), Ordering::Relaxed);
+        self.cycles_count
+            .store(count.wrapping_add(1), Ordering::Relaxed);
         let sum = self.cycles_sum.load(Ordering::Relaxed);
         self.cycles_sum
             .store(sum.wrapping_add(delta), Ordering::Relaxed);

@@ -130,27 +130,18 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     let limit = ctx.vmcs.read(guest::IDTR_LIMIT) as u16;
     let gate = replay::read_gate(base, limit, v);
     let frame = policy::frame_stack(g.cpl, g.rsp);
-    let platform = ctx.root.platform;
-    let old = platform.map_or_else(
-        || regs::raise_cr8(policy::DISPATCH_LEVEL),
-        |p| p.raise_irql(policy::DISPATCH_LEVEL),
-    );
-    let result = replay::call_gate(
-        gate,
-        v,
-        limit,
-        ctx.root.kernel_cs,
-        ctx.root.kernel_ss,
-        frame,
-    );
-    match platform {
-        Some(p) => p.lower_irql(old),
-        None => regs::lower_cr8(old),
-    }
+    let (kcs, kss) = (ctx.root.kernel_cs, ctx.root.kernel_ss);
+    let result = at_dispatch(ctx.root, || {
+        replay::call_gate(gate, v, limit, kcs, kss, frame)
+    });
     match result {
         Ok(cycles) => {
             ctx.cpu.data.stats.replay(v.0);
-            ctx.cpu.data.stats.handler_cycles(cycles);
+            // Only reason-1 exits are timed (`Stats::cycles`); a replay from a window or CR8
+            // exit would otherwise inflate the handler share beyond the total.
+            if ctx.reason.basic() == crate::vmx::fields::reason::EXTERNAL_INTERRUPT {
+                ctx.cpu.data.stats.handler_cycles(cycles);
+            }
             wake(ctx, g);
             false
         }
@@ -170,6 +161,22 @@ fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
     wake(ctx, g);
 }
 
+/// Runs `f` at IRQL ≥ DISPATCH (DESIGN §4: below it NT's interrupt epilogue may drain DPCs
+/// and switch threads on our stack) and restores the guest's IRQL afterwards.
+#[inline(always)]
+fn at_dispatch<T>(root: &crate::cpu::RootState, f: impl FnOnce() -> T) -> T {
+    let old = match root.platform {
+        Some(p) => p.raise_irql(policy::DISPATCH_LEVEL),
+        None => regs::raise_cr8(policy::DISPATCH_LEVEL),
+    };
+    let result = f();
+    match root.platform {
+        Some(p) => p.lower_irql(old),
+        None => regs::lower_cr8(old),
+    }
+    result
+}
+
 /// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
 #[inline(always)]
 fn wake(ctx: &ExitCtx<'_>, g: &GuestView) {
@@ -187,7 +194,16 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
     match policy::sti_window(highest, &g) {
         StiWindow::Open => {
             ctx.cpu.data.stats.sti_window();
-            replay::sti_window();
+            // DESIGN §4: NT's epilogue must not find an IRQL below DISPATCH, and a class ≤ 2
+            // vector raised by the handler (a DPC request) must wait for the guest instead of
+            // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
+            // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
+            let cycles = at_dispatch(ctx.root, || {
+                let t0 = regs::rdtsc();
+                replay::sti_window();
+                regs::rdtsc().wrapping_sub(t0)
+            });
+            ctx.cpu.data.stats.handler_cycles(cycles);
         }
         StiWindow::GuestTakes => {
             ctx.cpu.data.stats.guest_take();

@@ -1,0 +1,92 @@
+//! ackvisor's test machine: a bare-metal x86-64 kernel that plays NT where NT's behaviour
+//! decides correctness (DESIGN §7) and runs the portable core `ackvisor-vmm` under Bochs.
+//!
+//! Boot (`boot`) → per-CPU tables (`percpu`, `interrupts`) → LAPIC → optional APs (`smp`) →
+//! the scenario named in the params sector (`params`, `scenarios`) → power off. Output goes to
+//! port 0xE9 (`console`) as `RESULT` lines (`report`) that `tests/runner` judges.
+//!
+//! **Runs in:** bare metal, CPL 0 (and briefly CPL 3, `user`).
+#![no_std]
+#![no_main]
+
+mod apic;
+mod arch;
+mod boot;
+mod console;
+mod interrupts;
+mod mem;
+mod params;
+mod percpu;
+mod platform;
+mod pool;
+mod report;
+mod scenarios;
+mod smp;
+mod user;
+mod workload;
+
+use core::panic::PanicInfo;
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    kprintln!("PANIC: {info}");
+    report::fatal_result(format_args!("panic=1"))
+}
+
+/// The prebuilt `core` (panic=unwind) references this symbol; with panic=abort it is never
+/// called.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}
+
+/// BSP entry from boot.rs: boot stack, IF=0, SSE on, .bss zeroed.
+#[unsafe(no_mangle)]
+extern "C" fn kmain() -> ! {
+    // SAFETY: first thing on the BSP, IF=0, nothing can interrupt before the IDT is loaded.
+    unsafe { percpu::CPUS[0].init(0, interrupts::install_gates) };
+    interrupts::mask_pic();
+    apic::enable();
+    let p = params::Params::read();
+    let scenario: &'static str = match p.scenario() {
+        "boot" => "boot",
+        "modes" => "modes",
+        "demo" => "demo",
+        "vmcall" => "vmcall",
+        "cycles" => "cycles",
+        "rejected" => "rejected",
+        "bench" => "bench",
+        _ => "unknown",
+    };
+    report::set_scenario(scenario);
+    kprintln!(
+        "ackvisor test machine: scenario={} rounds={} clock_period={} stretch={} tsc={}",
+        scenario,
+        p.rounds,
+        p.clock_period,
+        p.stretch,
+        arch::rdtsc()
+    );
+    if p.smp > 1 {
+        let online = smp::start_aps(p.smp);
+        kprintln!("smp: {online} of {} CPUs online", p.smp);
+    }
+    // SAFETY: the IDT, the per-CPU state and the LAPIC are ready for interrupts.
+    unsafe { arch::sti() };
+    match scenario {
+        "boot" => scenarios::boot(&p),
+        "modes" => scenarios::modes(&p, false),
+        "demo" => scenarios::modes(&p, true),
+        "vmcall" => scenarios::vmcall(&p),
+        "cycles" => scenarios::cycles(&p),
+        "rejected" => scenarios::rejected(&p),
+        "bench" => scenarios::bench(&p),
+        _ => report::Line::new("unknown")
+            .kv("fatal", 1)
+            .kv("scenario", p.scenario())
+            .print(),
+    }
+    report::Line::new(scenario)
+        .kv("end", 1)
+        .kv("tsc", arch::rdtsc())
+        .print();
+    console::shutdown()
+}

@@ -1,0 +1,99 @@
+//! The params sector (disk sector 1, linked at 0x7E00): one build serves every run because the
+//! runner patches its per-run copy of the image. The format is text, so neither side needs the
+//! other's struct layout: `ACKPARAMS key=value key=value ...` padded with NUL bytes.
+//!
+//! **Runs in:** PASSIVE (read once at boot).
+
+/// Tag the sector starts with; the runner checks it before patching.
+pub const MAGIC: &[u8] = b"ACKPARAMS";
+const SECTOR: usize = 512;
+
+const fn default_sector() -> [u8; SECTOR] {
+    let mut s = [0u8; SECTOR];
+    let mut i = 0;
+    while i < MAGIC.len() {
+        s[i] = MAGIC[i];
+        i += 1;
+    }
+    s
+}
+
+#[used]
+#[unsafe(link_section = ".params")]
+static PARAMS_SECTOR: [u8; SECTOR] = default_sector();
+
+/// The run's parameters, with the defaults used when the sector does not name them.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// Scenario name (`boot`, `modes`, `vmcall`, `cycles`, `rejected`, `bench`, `demo`).
+    pub scenario: [u8; 16],
+    /// Length of `scenario`.
+    pub scenario_len: usize,
+    /// Workload rounds per mode.
+    pub rounds: u32,
+    /// TSC ticks between clock interrupts.
+    pub clock_period: u32,
+    /// TSC ticks each workload stretch spins.
+    pub stretch: u32,
+    /// Virtualize/devirtualize cycles (scenario `cycles`).
+    pub cycles: u32,
+    /// Clock ticks per mode in `bench`.
+    pub bench_ticks: u32,
+    /// Start the APs (INIT-SIPI-SIPI) when 1.
+    pub smp: u32,
+    /// Print per-vector tables and core statistics when 1.
+    pub verbose: u32,
+}
+
+impl Params {
+    /// The scenario name.
+    pub fn scenario(&self) -> &str {
+        core::str::from_utf8(self.scenario.get(..self.scenario_len).unwrap_or(&[])).unwrap_or("?")
+    }
+
+    /// Reads the sector as loaded by the MBR.
+    pub fn read() -> Params {
+        let mut p = Params {
+            scenario: [0; 16],
+            scenario_len: 4,
+            rounds: 400,
+            clock_period: 6000,
+            stretch: 3000,
+            cycles: 20,
+            bench_ticks: 1000,
+            smp: 0,
+            verbose: 0,
+        };
+        p.scenario[..4].copy_from_slice(b"boot");
+        let mut text = [0u8; SECTOR];
+        for (i, b) in text.iter_mut().enumerate() {
+            // SAFETY: in bounds of the static; volatile because the runner changed the bytes in the
+            // image after the compiler saw the initializer.
+            *b = unsafe { core::ptr::read_volatile(PARAMS_SECTOR.as_ptr().wrapping_add(i)) };
+        }
+        let end = text.iter().position(|&b| b == 0).unwrap_or(SECTOR);
+        let text = core::str::from_utf8(&text[..end]).unwrap_or("");
+        for word in text.split_ascii_whitespace().skip(1) {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            let num = value.parse::<u32>().ok();
+            match (key, num) {
+                ("scenario", _) => {
+                    let n = value.len().min(p.scenario.len());
+                    p.scenario[..n].copy_from_slice(&value.as_bytes()[..n]);
+                    p.scenario_len = n;
+                }
+                ("rounds", Some(v)) => p.rounds = v,
+                ("clock_period", Some(v)) => p.clock_period = v.max(500),
+                ("stretch", Some(v)) => p.stretch = v,
+                ("cycles", Some(v)) => p.cycles = v,
+                ("bench_ticks", Some(v)) => p.bench_ticks = v,
+                ("smp", Some(v)) => p.smp = v,
+                ("verbose", Some(v)) => p.verbose = v,
+                _ => crate::kprintln!("params: ignoring {word}"),
+            }
+        }
+        p
+    }
+}

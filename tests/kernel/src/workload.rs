@@ -1,0 +1,374 @@
+//! The interrupt workload every delivery scenario runs, and the tally that compares what was
+//! raised, what ran where, and (when virtualized) what the core counted.
+//!
+//! The workload runs stretches the way NT code does: with IF=1, with IF=0 (`cli` … `sti`), at
+//! raised CR8, and both, while the clock keeps ticking and self-IPIs of several classes arrive;
+//! handlers raise follow-ups (`interrupts::action`), so higher classes nest inside lower ones
+//! and a device vector arrives while the guest runs its own DPC handler.
+//!
+//! **Runs in:** PASSIVE (guest side).
+
+use core::sync::atomic::Ordering;
+
+use ackvisor_vmm::stats::Snapshot;
+
+use crate::interrupts::{
+    self, CHAINS, CLOCK_VECTOR, DISPATCH_CLASS, DPC_VECTOR, DPL3_GATE_VECTOR, IPI_VECTORS,
+    IST_GATE_VECTOR, IrqOff, RaisedCr8, SOURCE_VECTORS, WAKE_VECTOR,
+};
+use crate::percpu::{Cpu, this_cpu};
+use crate::report::Line;
+use crate::{apic, arch};
+
+/// Workload size.
+#[derive(Clone, Copy)]
+pub struct Shape {
+    /// Rounds (one self-IPI each).
+    pub rounds: u32,
+    /// Clock period in TSC ticks.
+    pub clock_period: u32,
+    /// TSC ticks each stretch spins.
+    pub stretch: u32,
+}
+
+/// Ticks to wait for outstanding interrupts at the end before calling them lost.
+const DRAIN_TICKS: u64 = 200_000_000;
+
+/// Zeroes this CPU's interrupt counters (nothing may be outstanding).
+pub fn reset_counts() {
+    this_cpu().counts.reset();
+}
+
+/// Runs the workload on this CPU. Counters are not reset: call [`reset_counts`] first.
+pub fn run(shape: Shape) -> bool {
+    // APs run this from their idle loop's mailbox, where IF=0: the workload needs IF=1.
+    let was_enabled = arch::rflags() & arch::RFLAGS_IF != 0;
+    // SAFETY: this CPU's IDT and LAPIC are set up (percpu::init ran before any work).
+    unsafe { arch::sti() };
+    CHAINS.store(true, Ordering::Relaxed);
+    interrupts::clock_start(shape.clock_period);
+    let stretch = u64::from(shape.stretch);
+    for round in 0..shape.rounds as usize {
+        let vector = IPI_VECTORS[round % IPI_VECTORS.len()];
+        // Each vector meets every kind of stretch: the kind changes every IPI_VECTORS rounds.
+        match (round / IPI_VECTORS.len()) % 5 {
+            0 => {
+                interrupts::raise(vector);
+                arch::spin(stretch);
+            }
+            1 => {
+                // IF=0 stretch: the vector waits for the `sti`. In an exit mode the `cli` ran
+                // after the last VM entry, so Bochs still lets one exit through with IF=0: the
+                // core must defer it.
+                let _off = IrqOff::enter();
+                interrupts::raise(vector);
+                arch::spin(stretch);
+            }
+            2 => {
+                // CR8 stretch: classes ≤ 5 (DPC, 0x41) wait, 0x61 and up get in.
+                let _cr8 = RaisedCr8::to(5);
+                interrupts::raise(vector);
+                arch::spin(stretch);
+            }
+            3 => {
+                let _off = IrqOff::enter();
+                let _cr8 = RaisedCr8::to(9);
+                interrupts::raise(vector);
+                arch::spin(stretch);
+            }
+            _ => {
+                // User mode with IF=1: interrupts arrive at CPL 3 (the loop turn is ~2 ticks).
+                interrupts::raise(vector);
+                if !crate::user::spin_in_ring3(stretch / 2) {
+                    this_cpu().counts.ring3_bad_exits.bump();
+                }
+            }
+        }
+    }
+    interrupts::clock_stop();
+    let drained = drain();
+    CHAINS.store(false, Ordering::Relaxed);
+    if !was_enabled {
+        arch::cli();
+    }
+    drained
+}
+
+/// Waits (IF=1) until every raised interrupt of this CPU has run.
+pub fn drain() -> bool {
+    let cpu = this_cpu();
+    let t0 = arch::rdtsc();
+    loop {
+        if counted_vectors().all(|v| cpu.counts.outstanding(v) == 0) {
+            return true;
+        }
+        if arch::rdtsc() - t0 > DRAIN_TICKS {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Vectors whose raises this CPU counts itself (the wake-up IPI comes from another CPU).
+fn counted_vectors() -> impl Iterator<Item = u8> {
+    SOURCE_VECTORS.into_iter().filter(|&v| v != WAKE_VECTOR)
+}
+
+fn diff(a: u64, b: u64) -> u64 {
+    a.abs_diff(b)
+}
+
+/// Declares [`Tally`]: every field is a count that adds up across CPUs and is printed as
+/// `name=value` in the RESULT line.
+macro_rules! tally {
+    ($($(#[$doc:meta])* $field:ident,)*) => {
+        /// What one CPU's counters (and the core's snapshot of that CPU) add up to; summed
+        /// over CPUs for the RESULT line.
+        #[derive(Default, Clone, Copy)]
+        pub struct Tally {
+            $($(#[$doc])* pub $field: u64,)*
+            /// Core: largest single exit (a maximum, not a sum).
+            pub cycles_max: u64,
+            /// Last violation seen (vector << 56 | RIP), 0 if none.
+            pub last_violation: u64,
+        }
+
+        impl Tally {
+            /// All zero.
+            pub const ZERO: Tally = Tally { $($field: 0,)* cycles_max: 0, last_violation: 0 };
+
+            /// Adds another CPU's tally.
+            pub fn add(&mut self, o: &Tally) {
+                $(self.$field = self.$field.wrapping_add(o.$field);)*
+                self.cycles_max = self.cycles_max.max(o.cycles_max);
+                if o.last_violation != 0 {
+                    self.last_violation = o.last_violation;
+                }
+            }
+
+            /// Appends every field to a RESULT line.
+            pub fn write(&self, line: &mut Line) {
+                $(line.kv(stringify!($field), self.$field);)*
+                line.kv("cycles_max", self.cycles_max)
+                    .kv("last_violation", format_args!("{:#x}", self.last_violation));
+            }
+        }
+    };
+}
+
+tally! {
+    /// CPUs whose interrupts did not all run before the drain timeout.
+    undrained,
+    /// Interrupts raised (self-IPIs and clock arms).
+    raised,
+    /// Handler runs of counted vectors.
+    ran,
+    /// Σ |raised − ran| per vector.
+    lost,
+    /// Runs in the guest.
+    guest,
+    /// Runs of class > DISPATCH in the guest, rejected-gate vectors excluded.
+    guest_hi,
+    /// DPC runs in the guest.
+    dpc_guest,
+    /// Runs called by the core's replay.
+    replayed,
+    /// Runs in the exit-sti window.
+    sti_window,
+    /// Runs nested in root.
+    nested_root,
+    /// Runs that interrupted another handler.
+    nested,
+    /// Replays that interrupted a guest handler (their frame went below its live frames).
+    replayed_nested,
+    /// Replays entered with CR8 < 2.
+    replay_low_cr8,
+    /// Replays while the guest ran at CPL 3.
+    replayed_from_ring3,
+    /// Ring-3 excursions that ended elsewhere than their final UD2.
+    ring3_bad_exits,
+    /// DPC runs in root.
+    dpc_in_root,
+    /// Runs while the interrupted code masked the vector.
+    ctx_violations,
+    /// Canaries broken.
+    canary_broken,
+    /// Per-CPU gate reached on another CPU.
+    wrong_idt,
+    /// Vectors without a source.
+    unexpected,
+    /// LAPIC ISR bits left set.
+    isr_left,
+    /// LAPIC IRR bits left set.
+    irr_left,
+    /// Core: external-interrupt exits (reason 1).
+    exits_extint,
+    /// Core: Σ |extint_by_vector − (runs − nested_root)|: one exit per interrupt that did not
+    /// arrive nested in root.
+    exit_mismatch,
+    /// Core: Σ |replays_by_vector − replayed runs|.
+    replay_mismatch,
+    /// Core: Σ |injections_by_vector − guest runs|.
+    inject_mismatch,
+    /// Core: total replays.
+    core_replays,
+    /// Core: total injections.
+    core_injections,
+    /// Core: injections of the DPC vector.
+    core_dpc_injections,
+    /// Core: deferrals.
+    deferrals,
+    /// Core: exit-sti windows.
+    sti_windows,
+    /// Core: exit-sti hand-backs to the guest.
+    guest_takes,
+    /// Core: rejected gates.
+    rejected_gates,
+    /// Core: every anomaly.
+    anomalies,
+    /// Core: exits timed.
+    cycles_count,
+    /// Core: root cycles over them.
+    cycles_sum,
+    /// Core: root cycles inside replayed handlers.
+    handler_cycles_sum,
+}
+
+fn bits(regs: [u32; 8]) -> u64 {
+    regs.iter().map(|r| u64::from(r.count_ones())).sum()
+}
+
+/// One tally slot per CPU, written by that CPU at the end of a concurrent run.
+struct Slot(core::cell::UnsafeCell<Tally>);
+// SAFETY: each CPU writes only its own slot inside `smp::run_concurrently`, and the BSP reads
+// them after that returned (the mailbox's Release/Acquire orders the writes before the read).
+unsafe impl Sync for Slot {}
+static TALLIES: [Slot; crate::percpu::MAX_CPUS] =
+    [const { Slot(core::cell::UnsafeCell::new(Tally::ZERO)) }; crate::percpu::MAX_CPUS];
+
+/// Stores this CPU's tally (call on that CPU, inside `smp::run_concurrently`).
+pub fn publish(t: Tally) {
+    let i = this_cpu().index.load(Ordering::Relaxed) as usize;
+    // SAFETY: only this CPU writes its slot (see `Slot`).
+    unsafe { *TALLIES[i].0.get() = t };
+}
+
+/// The sum of every online CPU's published tally (call after `smp::run_concurrently`).
+pub fn collect() -> Tally {
+    let mut sum = Tally::default();
+    for (i, cpu) in crate::percpu::CPUS.iter().enumerate() {
+        if cpu.online.load(Ordering::Acquire) {
+            // SAFETY: the concurrent run is over (see `Slot`).
+            sum.add(unsafe { &*TALLIES[i].0.get() });
+        }
+    }
+    sum
+}
+
+impl Tally {
+    /// Adds up `cpu`'s counters; reads the LAPIC, so call it on that CPU.
+    pub fn of(cpu: &Cpu, core: Option<&Snapshot>, drained: bool) -> Tally {
+        let c = &cpu.counts;
+        let mut t = Tally {
+            undrained: u64::from(!drained),
+            ..Tally::default()
+        };
+        for v in counted_vectors() {
+            let (raised, runs) = (u64::from(c.raised.get(v)), u64::from(c.runs.get(v)));
+            t.raised += raised;
+            t.ran += runs;
+            t.lost += diff(raised, runs);
+        }
+        for v in 0..=255u8 {
+            let guest = u64::from(c.guest.get(v));
+            t.guest += guest;
+            if v >> 4 > DISPATCH_CLASS && v != IST_GATE_VECTOR && v != DPL3_GATE_VECTOR {
+                t.guest_hi += guest;
+            }
+            t.replayed += u64::from(c.replayed.get(v));
+            t.sti_window += u64::from(c.sti_window.get(v));
+            t.nested_root += u64::from(c.nested_root.get(v));
+            t.replay_low_cr8 += u64::from(c.replay_low_cr8.get(v));
+            t.nested += u64::from(c.nested.get(v));
+            t.replayed_nested += u64::from(c.replayed_nested.get(v));
+            if let Some(s) = core {
+                let i = usize::from(v);
+                let expected_exits = u64::from(c.runs.get(v) - c.nested_root.get(v));
+                t.exit_mismatch += diff(s.extint_by_vector[i], expected_exits);
+                t.replay_mismatch += diff(s.replays_by_vector[i], u64::from(c.replayed.get(v)));
+                t.inject_mismatch += diff(s.injections_by_vector[i], guest);
+            }
+        }
+        t.dpc_guest = u64::from(c.guest.get(DPC_VECTOR));
+        t.replayed_from_ring3 = c.replayed_from_ring3.get();
+        t.ring3_bad_exits = c.ring3_bad_exits.get();
+        t.dpc_in_root = c.dpc_in_root.get();
+        t.ctx_violations = c.ctx_violations.get();
+        t.canary_broken = c.canary_broken.get();
+        t.wrong_idt = c.wrong_idt.get();
+        t.unexpected = c.unexpected.get();
+        t.last_violation = c.last_violation.load(Ordering::Relaxed);
+        t.isr_left = bits(apic::isr());
+        t.irr_left = bits(apic::irr());
+        if let Some(s) = core {
+            t.exits_extint = s.exits[1];
+            t.core_replays = s.total_replays();
+            t.core_injections = s.total_injections();
+            t.core_dpc_injections = s.injections_by_vector[usize::from(DPC_VECTOR)];
+            t.deferrals = s.deferrals;
+            t.sti_windows = s.sti_windows;
+            t.guest_takes = s.guest_takes;
+            t.rejected_gates = s.anomaly(ackvisor_vmm::stats::Anomaly::RejectedGate);
+            t.anomalies = s.anomalies.iter().sum();
+            t.cycles_count = s.cycles_count;
+            t.cycles_sum = s.cycles_sum;
+            t.cycles_max = s.cycles_max;
+            t.handler_cycles_sum = s.handler_cycles_sum;
+        }
+        t
+    }
+}
+
+/// Prints one line per vector that had any activity (for reading a failed run's console).
+pub fn print_vectors(label: &str, cpu: &Cpu, core: Option<&Snapshot>) {
+    let c = &cpu.counts;
+    for v in 0..=255u8 {
+        let i = usize::from(v);
+        let (extint, replays, injections) = core.map_or((0, 0, 0), |s| {
+            (
+                s.extint_by_vector[i],
+                s.replays_by_vector[i],
+                s.injections_by_vector[i],
+            )
+        });
+        if c.runs.get(v) == 0 && c.raised.get(v) == 0 && extint == 0 {
+            continue;
+        }
+        crate::kprintln!(
+            "VECTOR {label} cpu={} v={v:#04x} raised={} runs={} guest={} replayed={} sti_window={} nested_root={} | core extint={extint} replays={replays} injections={injections}",
+            cpu.index.load(Ordering::Relaxed),
+            c.raised.get(v),
+            c.runs.get(v),
+            c.guest.get(v),
+            c.replayed.get(v),
+            c.sti_window.get(v),
+            c.nested_root.get(v),
+        );
+    }
+}
+
+/// The clock-only load of the benchmark: `ticks` clock interrupts, no chains, no stretches.
+/// Returns the TSC ticks it took.
+pub fn clock_only(ticks: u32, period: u32) -> u64 {
+    let cpu = this_cpu();
+    let start = cpu.counts.runs.get(CLOCK_VECTOR);
+    let t0 = arch::rdtsc();
+    interrupts::clock_start(period);
+    while cpu.counts.runs.get(CLOCK_VECTOR) - start < ticks {
+        core::hint::spin_loop();
+    }
+    interrupts::clock_stop();
+    let elapsed = arch::rdtsc() - t0;
+    drain();
+    elapsed
+}

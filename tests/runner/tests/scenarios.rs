@@ -1,0 +1,240 @@
+//! One test per scenario × CPU model. Each boots the test machine under Bochs and judges its
+//! RESULT lines; a failure names the model, the line, the field, the expected and the got value.
+//! Tests of scenarios 1-3 judge the same `modes` run (run once per process).
+
+use ackvisor_runner::{RunOutput, RunSpec, Verdict, run_shared};
+
+const MODES: [&str; 4] = ["passthrough", "exit-sti", "ack-replay", "ack-inject"];
+
+fn machine(spec: RunSpec) -> std::sync::Arc<RunOutput> {
+    match run_shared(&spec) {
+        Ok(run) => run,
+        Err(e) => panic!("model {}: {} could not run: {e}", spec.model, spec.name()),
+    }
+}
+
+/// Checks every scenario makes about the interrupt machinery itself.
+fn machine_is_sound(v: &mut Verdict<'_>, line: &ackvisor_runner::ResultLine) {
+    v.eq(line, "undrained", 0)
+        .eq(line, "lost", 0)
+        .eq(line, "isr_left", 0)
+        .eq(line, "canary_broken", 0)
+        .eq(line, "ctx_violations", 0)
+        .eq(line, "wrong_idt", 0)
+        .eq(line, "unexpected", 0)
+        .eq(line, "ring3_bad_exits", 0)
+        .gt(line, "ran", 0)
+        .eq_field(line, "ran", "raised");
+}
+
+/// Scenario 0: no hypervisor. The machine's own accounting holds natively, so later failures
+/// are the core's.
+fn boot_counts_every_interrupt_natively(model: &str) {
+    let run = machine(RunSpec::new(model, "boot"));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = v.line("boot", Some("native")) {
+        machine_is_sound(&mut v, l);
+        v.eq(l, "vmx", 1)
+            .gt(l, "dpc_guest", 0)
+            .gt(l, "nested", 0)
+            .eq(l, "replayed", 0)
+            .eq_field(l, "guest", "ran");
+    }
+    v.finish();
+}
+
+/// Scenario 1: in every mode, raised == handled per vector, nothing left in service.
+fn every_mode_delivers_each_interrupt_once(model: &str) {
+    let run = machine(RunSpec::new(model, "modes"));
+    let mut v = Verdict::new(&run);
+    for mode in MODES {
+        if let Some(l) = v.line("modes", Some(mode)) {
+            machine_is_sound(&mut v, l);
+            v.eq(l, "virtualized", 1)
+                .eq(l, "ping", 1)
+                .eq(l, "irr_left", 0);
+        }
+    }
+    v.finish();
+}
+
+/// Scenario 2: ack-replay exits once per interrupt, replays in root at CR8 ≥ 2 (also inside the
+/// guest's own handlers and from CPL 3), injects the DPC vector and never runs it in root,
+/// defers (Bochs lets one exit through after a guest `cli`) and never runs a handler the
+/// interrupted code masked.
+fn ack_replay_exits_once_and_replays_in_root(model: &str) {
+    let run = machine(RunSpec::new(model, "modes"));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = v.line("modes", Some("ack-replay")) {
+        v.eq(l, "exit_mismatch", 0)
+            .eq(l, "replay_mismatch", 0)
+            .eq(l, "inject_mismatch", 0)
+            .gt(l, "replayed", 0)
+            .gt(l, "nested_root", 0)
+            .gt(l, "replayed_nested", 0)
+            .gt(l, "replayed_from_ring3", 0)
+            .gt(l, "deferrals", 0)
+            .eq(l, "guest_hi", 0)
+            .eq(l, "replay_low_cr8", 0)
+            .eq(l, "dpc_in_root", 0)
+            .gt(l, "dpc_guest", 0)
+            .eq_field(l, "core_dpc_injections", "dpc_guest")
+            .eq(l, "ctx_violations", 0)
+            .eq(l, "canary_broken", 0)
+            .eq(l, "anomalies", 0);
+    }
+    v.finish();
+}
+
+/// Scenario 3: exit-sti runs vectors in root through its window, ack-inject runs them in the
+/// guest, passthrough takes no external-interrupt exit.
+fn each_mode_runs_handlers_where_it_should(model: &str) {
+    let run = machine(RunSpec::new(model, "modes"));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = v.line("modes", Some("exit-sti")) {
+        v.gt(l, "sti_window", 0)
+            .gt(l, "exits_extint", 0)
+            .eq(l, "replayed", 0)
+            .eq(l, "dpc_in_root", 0);
+    }
+    if let Some(l) = v.line("modes", Some("ack-inject")) {
+        v.eq(l, "replayed", 0)
+            .eq(l, "sti_window", 0)
+            .eq(l, "nested_root", 0)
+            .eq_field(l, "guest", "ran")
+            .eq(l, "exit_mismatch", 0)
+            .eq(l, "inject_mismatch", 0)
+            .gt(l, "exits_extint", 0);
+    }
+    if let Some(l) = v.line("modes", Some("passthrough")) {
+        v.eq(l, "exits_extint", 0)
+            .eq(l, "replayed", 0)
+            .eq(l, "sti_window", 0)
+            .eq(l, "nested_root", 0)
+            .eq_field(l, "guest", "ran");
+    }
+    v.finish();
+}
+
+/// Scenario 4: a VMCALL from CPL 3 (even with our key) and one with a wrong key reach the guest
+/// as #UD; ours still answers.
+fn vmcall_from_ring3_or_with_wrong_key_gets_ud(model: &str) {
+    let run = machine(RunSpec::new(model, "vmcall"));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = v.line("vmcall", None) {
+        v.eq(l, "native_ring3_vector", 6)
+            .eq(l, "native_ring0_vector", 6)
+            .eq(l, "ping", 1)
+            .eq(l, "ring3_vector", 6)
+            .eq(l, "ring3_at_vmcall", 1)
+            .eq(l, "wrong_key_vector", 6)
+            .eq(l, "ping_after", 1)
+            .eq(l, "foreign_vmcalls", 2);
+    }
+    v.finish();
+}
+
+/// Scenario 5: 20 virtualize/devirtualize cycles give every page back; ping after each.
+fn twenty_cycles_return_every_page(model: &str) {
+    let run = machine(RunSpec::new(model, "cycles").param("cycles", 20));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = v.line("cycles", None) {
+        v.eq(l, "virtualized", 20)
+            .eq(l, "pings", 20)
+            .eq(l, "devirtualized", 20)
+            .eq(l, "leaky_cycles", 0)
+            .eq_field(l, "pool_end", "pool_start")
+            .eq(l, "lost", 0);
+    }
+    v.finish();
+}
+
+/// Scenario 6: gates with IST≠0 or DPL 3 are rejected: injected, counted, run in the guest.
+fn rejected_gates_are_injected(model: &str) {
+    let run = machine(RunSpec::new(model, "rejected").param("rounds", 50));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = v.line("rejected", None) {
+        v.eq(l, "drained", 1)
+            .eq(l, "isr_left", 0)
+            .eq(l, "ctx_violations", 0)
+            .eq(l, "canary_broken", 0);
+        for gate in ["ist", "dpl3"] {
+            let k = |f: &str| format!("{gate}_{f}");
+            v.gt(l, &k("raised"), 0)
+                .eq_field(l, &k("ran"), &k("raised"))
+                .eq_field(l, &k("guest"), &k("ran"))
+                .eq(l, &k("root"), 0)
+                .eq_field(l, &k("injections"), &k("ran"))
+                .eq(l, &k("replays"), 0);
+        }
+        if let (Some(a), Some(b)) = (l.num("ist_ran"), l.num("dpl3_ran")) {
+            v.eq(l, "rejected_gates", a + b);
+        }
+    }
+    v.finish();
+}
+
+/// Scenario 7: the benchmark prints its figures for every mode (speed is never asserted).
+fn bench_prints_figures(model: &str) {
+    let run = machine(RunSpec::new(model, "bench").param("bench_ticks", 300));
+    let mut v = Verdict::new(&run);
+    for mode in MODES {
+        if let Some(l) = v.line("bench", Some(mode)) {
+            v.gt(l, "bytes_per_cpu", 0).gt(l, "tsc", 0);
+            if mode != "passthrough" {
+                v.gt(l, "exits_extint", 0);
+            }
+        }
+    }
+    v.finish();
+}
+
+/// Scenarios 1-2 on two CPUs (APs started with INIT-SIPI-SIPI): the workload runs on both at
+/// once, each CPU's IDT has its own PER_CPU_VECTOR handler, and each tallies itself.
+fn two_cpus_deliver_and_replay_on_each_cpu(model: &str) {
+    let run = machine(RunSpec::new(model, "modes").cpus(2));
+    let mut v = Verdict::new(&run);
+    for mode in MODES {
+        if let Some(l) = v.line("modes", Some(mode)) {
+            machine_is_sound(&mut v, l);
+            v.eq(l, "cpus", 2).eq(l, "virtualized", 1).eq(l, "ping", 1);
+        }
+    }
+    if let Some(l) = v.line("modes", Some("ack-replay")) {
+        v.eq(l, "exit_mismatch", 0)
+            .eq(l, "replay_mismatch", 0)
+            .eq(l, "inject_mismatch", 0)
+            .gt(l, "replayed", 0)
+            .eq(l, "guest_hi", 0)
+            .eq(l, "dpc_in_root", 0)
+            .eq(l, "replay_low_cr8", 0);
+    }
+    v.finish();
+}
+
+macro_rules! per_model {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn corei7_haswell_4770() {
+                super::$scenario("corei7_haswell_4770");
+            }
+            #[test]
+            fn corei7_skylake_x() {
+                super::$scenario("corei7_skylake_x");
+            }
+        }
+    )*};
+}
+
+per_model!(
+    boot_counts_every_interrupt_natively,
+    every_mode_delivers_each_interrupt_once,
+    ack_replay_exits_once_and_replays_in_root,
+    each_mode_runs_handlers_where_it_should,
+    vmcall_from_ring3_or_with_wrong_key_gets_ud,
+    twenty_cycles_return_every_page,
+    rejected_gates_are_injected,
+    bench_prints_figures,
+    two_cpus_deliver_and_replay_on_each_cpu,
+);
