@@ -131,9 +131,9 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     let gate = replay::read_gate(base, limit, v);
     let frame = policy::frame_stack(g.cpl, g.rsp);
     let (kcs, kss) = (ctx.root.kernel_cs, ctx.root.kernel_ss);
-    let result = at_dispatch(ctx.root, || {
-        replay::call_gate(gate, v, limit, kcs, kss, frame)
-    });
+    let old = raise_to_dispatch(ctx.root);
+    let result = replay::call_gate(gate, v, limit, kcs, kss, frame);
+    restore_irql(ctx.root, old);
     match result {
         Ok(cycles) => {
             ctx.cpu.data.stats.replay(v.0);
@@ -161,20 +161,23 @@ fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
     wake(ctx, g);
 }
 
-/// Runs `f` at IRQL ≥ DISPATCH (DESIGN §4: below it NT's interrupt epilogue may drain DPCs
-/// and switch threads on our stack) and restores the guest's IRQL afterwards.
+/// Raises IRQL to ≥ DISPATCH before root runs OS handlers (DESIGN §4: below it NT's interrupt
+/// epilogue may drain DPCs and switch threads on our stack); returns the guest's IRQL.
 #[inline(always)]
-fn at_dispatch<T>(root: &crate::cpu::RootState, f: impl FnOnce() -> T) -> T {
-    let old = match root.platform {
+fn raise_to_dispatch(root: &crate::cpu::RootState) -> u8 {
+    match root.platform {
         Some(p) => p.raise_irql(policy::DISPATCH_LEVEL),
         None => regs::raise_cr8(policy::DISPATCH_LEVEL),
-    };
-    let result = f();
+    }
+}
+
+/// Gives the guest its IRQL back before VM entry.
+#[inline(always)]
+fn restore_irql(root: &crate::cpu::RootState, old: u8) {
     match root.platform {
         Some(p) => p.lower_irql(old),
         None => regs::lower_cr8(old),
     }
-    result
 }
 
 /// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
@@ -198,12 +201,14 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
             // vector raised by the handler (a DPC request) must wait for the guest instead of
             // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
             // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
-            let cycles = at_dispatch(ctx.root, || {
-                let t0 = regs::rdtsc();
-                replay::sti_window();
-                regs::rdtsc().wrapping_sub(t0)
-            });
-            ctx.cpu.data.stats.handler_cycles(cycles);
+            let old = raise_to_dispatch(ctx.root);
+            let t0 = regs::rdtsc();
+            replay::sti_window();
+            ctx.cpu
+                .data
+                .stats
+                .handler_cycles(regs::rdtsc().wrapping_sub(t0));
+            restore_irql(ctx.root, old);
         }
         StiWindow::GuestTakes => {
             ctx.cpu.data.stats.guest_take();
