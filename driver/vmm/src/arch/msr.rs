@@ -65,6 +65,15 @@ bitfield! {
     pub x2apic, _: 10;
     /// xAPIC global enable.
     pub enabled, _: 11;
+    /// Physical page number of the xAPIC register page.
+    pub u64, base_page, _: 51, 12;
+}
+
+impl ApicBase {
+    /// From the raw MSR value.
+    pub const fn from_raw(v: u64) -> Self {
+        Self(v)
+    }
 }
 
 /// A VMX control capability MSR: bits 31:0 are the allowed-0 settings (1 = must be 1),
@@ -106,6 +115,13 @@ mod tests {
         assert_eq!(a.adjust(1) & 1, 0);
         assert!(a.allows(1 << 31));
         assert!(!a.allows(1 << 17));
+    }
+
+    #[test]
+    fn apic_base_fields() {
+        let a = ApicBase::from_raw(0xFEE0_0D00);
+        assert!(a.bsp() && a.x2apic() && a.enabled());
+        assert_eq!(a.base_page() << 12, 0xFEE0_0000);
     }
 
     #[test]
