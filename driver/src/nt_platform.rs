@@ -311,6 +311,11 @@ impl Platform for NtPlatform {
         }
     }
 
+    fn irql_is_cr8(&self) -> bool {
+        // Windows 11 keeps IRQL bookkeeping beside CR8 (KiIrqlFlags): go through the kernel.
+        false
+    }
+
     fn raise_irql(&self, to: u8) -> u8 {
         // DESIGN §4: change IRQL through NT so Win11's IRQL bookkeeping stays consistent.
         // KfRaiseIrql bugchecks on a "raise" to a lower level, so only raise.

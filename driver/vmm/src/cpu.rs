@@ -48,6 +48,8 @@ pub struct RootState {
     pub exiting_suspended: bool,
     /// Preemption-timer value used to force that next exit (0: use MTF instead).
     pub preemption_ticks: u32,
+    /// Cached [`Platform::irql_is_cr8`].
+    pub irql_is_cr8: bool,
     /// Kernel code selector: replay frames push it, gates must use it.
     pub kernel_cs: u16,
     /// Kernel stack selector pushed in replay frames.

@@ -220,6 +220,7 @@ pub fn virtualize_current_cpu(
         pending: PendingSet::new(),
         exiting_suspended: false,
         preemption_ticks,
+        irql_is_cr8: platform.irql_is_cr8(),
         kernel_cs: regs::cs(),
         kernel_ss: regs::ss(),
         features,

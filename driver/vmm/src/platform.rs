@@ -123,6 +123,13 @@ pub trait Platform: Sync {
         // SAFETY: IA32_DEBUGCTL exists on every VMX-capable Intel CPU.
         unsafe { crate::arch::regs::rdmsr(crate::arch::msr::IA32_DEBUGCTL) }
     }
+    /// Whether IRQL is nothing but CR8 on this platform. Then root raises and restores it with
+    /// MOV CR8 inline (the exit path's cost) and never calls [`Platform::raise_irql`] or
+    /// [`Platform::lower_irql`]. A platform that overrides those two must return false (NT:
+    /// Windows 11 keeps IRQL bookkeeping beside CR8, DESIGN §4).
+    fn irql_is_cr8(&self) -> bool {
+        true
+    }
     /// Raises IRQL to at least `to` around a replay and returns the previous IRQL (DESIGN §4).
     /// Called in VMX root with IF=0: must not fault, allocate, lock or log. The default writes
     /// CR8 directly, which is what IRQL is on x64 without NT's extra bookkeeping.

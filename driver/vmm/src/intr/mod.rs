@@ -131,7 +131,7 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     let gate = replay::read_gate(base, limit, v);
     let frame = policy::frame_stack(g.cpl, g.rsp);
     let (kcs, kss) = (ctx.root.kernel_cs, ctx.root.kernel_ss);
-    let old = raise_to_dispatch(ctx.root);
+    let old = raise_to_dispatch(ctx.root, g.cr8);
     let result = replay::call_gate(gate, v, limit, kcs, kss, frame);
     restore_irql(ctx.root, old);
     match result {
@@ -163,20 +163,29 @@ fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
 
 /// Raises IRQL to ≥ DISPATCH before root runs OS handlers (DESIGN §4: below it NT's interrupt
 /// epilogue may drain DPCs and switch threads on our stack); returns the guest's IRQL.
+/// `guest_cr8` is the CR8 root runs with (the guest's, no TPR shadow).
 #[inline(always)]
-fn raise_to_dispatch(root: &crate::cpu::RootState) -> u8 {
+fn raise_to_dispatch(root: &crate::cpu::RootState, guest_cr8: u8) -> u8 {
     match root.platform {
-        Some(p) => p.raise_irql(policy::DISPATCH_LEVEL),
-        None => regs::raise_cr8(policy::DISPATCH_LEVEL),
+        Some(p) if !root.irql_is_cr8 => p.raise_irql(policy::DISPATCH_LEVEL),
+        _ => {
+            if guest_cr8 < policy::DISPATCH_LEVEL {
+                // SAFETY: raising the task priority only masks interrupts (IF=0 here anyway).
+                unsafe { regs::set_cr8(policy::DISPATCH_LEVEL) };
+            }
+            guest_cr8
+        }
     }
 }
 
-/// Gives the guest its IRQL back before VM entry.
+/// Gives the guest its IRQL back before VM entry (written even when equal: one instruction,
+/// and a handler that left CR8 elsewhere is corrected).
 #[inline(always)]
 fn restore_irql(root: &crate::cpu::RootState, old: u8) {
     match root.platform {
-        Some(p) => p.lower_irql(old),
-        None => regs::lower_cr8(old),
+        Some(p) if !root.irql_is_cr8 => p.lower_irql(old),
+        // SAFETY: back to the guest's own CR8; IF=0 in root, nothing is delivered here.
+        _ => unsafe { regs::set_cr8(old) },
     }
 }
 
@@ -201,7 +210,7 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
             // vector raised by the handler (a DPC request) must wait for the guest instead of
             // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
             // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
-            let old = raise_to_dispatch(ctx.root);
+            let old = raise_to_dispatch(ctx.root, g.cr8);
             let t0 = regs::rdtsc();
             replay::sti_window();
             ctx.cpu
