@@ -115,12 +115,8 @@ fn deliver_pending(ctx: &mut ExitCtx<'_>, g: &GuestView) {
             }
         }
     }
-    let more = !ctx.root.pending.is_empty();
-    // One event per VM entry: after an injection the next window opens once the guest's handler
-    // re-enables interrupts.
-    let window = more && (injected || wait == Some(Wait::Window));
-    let cr8 = more && wait == Some(Wait::Priority);
-    inject::set_waits(ctx.vmcs, ctx.root, window, cr8);
+    let arm = policy::exits_to_arm(!ctx.root.pending.is_empty(), injected, wait);
+    inject::set_waits(ctx.vmcs, ctx.root, arm.window, arm.cr8_load);
 }
 
 /// Replays `v`; a rejected gate is counted and the vector injected. True if injected.

@@ -95,6 +95,28 @@ pub fn decide(mode: Mode, v: Vector, guest: &GuestView) -> Delivery {
     }
 }
 
+/// The exits that bring pending vectors back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArmedExits {
+    /// Interrupt-window exiting.
+    pub window: bool,
+    /// CR8-load exiting.
+    pub cr8_load: bool,
+}
+
+/// After a delivery pass: `more` vectors still pending, whether one was `injected` at this
+/// entry, and why the first remaining one had to `wait`. Only one event can be injected per VM
+/// entry, so after an injection the rest wait for the next window (the guest's handler
+/// re-enables interrupts); with nothing pending both exits are off.
+pub const fn exits_to_arm(more: bool, injected: bool, wait: Option<Wait>) -> ArmedExits {
+    let window_wait = matches!(wait, Some(Wait::Window));
+    let priority_wait = matches!(wait, Some(Wait::Priority));
+    ArmedExits {
+        window: more && (injected || window_wait),
+        cr8_load: more && priority_wait,
+    }
+}
+
 /// Why a gate may not be called from root mode (FreeBSD bhyve's checks, DESIGN §3.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GateRejection {
@@ -336,6 +358,68 @@ mod tests {
         };
         assert_eq!(decide(Mode::AckReplay, Vector(0x41), &g), Delivery::Replay);
         assert_eq!(activity_after_delivery(g.activity), ActivityState::Active);
+    }
+
+    #[test]
+    fn two_pending_classes_deliver_the_higher_and_wait_on_cr8_for_the_lower() {
+        // Guest at CR8 = 5 with 0xD1 and 0x41 acknowledged: 0xD1 goes now, 0x41 must wait for
+        // CR8 to drop below 4, so CR8-load exiting (not the window) brings it back.
+        let g = GuestView { cr8: 5, ..guest() };
+        let mut p = crate::intr::pending::PendingSet::new();
+        p.insert(Vector(0x41));
+        p.insert(Vector(0xD1));
+        let first = p.pop().expect("two pending");
+        assert_eq!(
+            (first, decide(Mode::AckReplay, first, &g)),
+            (Vector(0xD1), Delivery::Replay)
+        );
+        let second = p.highest().expect("one left");
+        let wait = match decide(Mode::AckReplay, second, &g) {
+            Delivery::Defer(w) => w,
+            other => panic!("0x41 under CR8 5 must wait, got {other:?}"),
+        };
+        assert_eq!(
+            exits_to_arm(true, false, Some(wait)),
+            ArmedExits {
+                window: false,
+                cr8_load: true
+            }
+        );
+        // Once CR8 drops to 3 the CR8-load exit finds it deliverable.
+        let lowered = GuestView { cr8: 3, ..guest() };
+        assert_eq!(decide(Mode::AckReplay, second, &lowered), Delivery::Replay);
+    }
+
+    #[test]
+    fn after_an_injection_the_rest_waits_for_the_window() {
+        assert_eq!(
+            exits_to_arm(true, true, None),
+            ArmedExits {
+                window: true,
+                cr8_load: false
+            }
+        );
+        assert_eq!(
+            exits_to_arm(true, false, Some(Wait::Window)),
+            ArmedExits {
+                window: true,
+                cr8_load: false
+            }
+        );
+        assert_eq!(
+            exits_to_arm(false, true, None),
+            ArmedExits {
+                window: false,
+                cr8_load: false
+            }
+        );
+        assert_eq!(
+            exits_to_arm(false, false, Some(Wait::Priority)),
+            ArmedExits {
+                window: false,
+                cr8_load: false
+            }
+        );
     }
 
     fn gate() -> IdtGate {
