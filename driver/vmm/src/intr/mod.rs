@@ -208,7 +208,7 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
             // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
             let old = raise_to_dispatch(ctx.root, g.cr8);
             let t0 = regs::rdtsc();
-            replay::sti_window();
+            replay::sti_window(policy::frame_stack(g.cpl, g.rsp));
             ctx.cpu
                 .data
                 .stats

@@ -45,18 +45,45 @@ unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u6
     )
 }
 
-/// exit-sti: `sti; nop; cli`. The interrupt is recognized after the NOP (STI's one-instruction
-/// shadow), so the CPU's frame holds RIP = `ackvisor_sti_window_return` (the CLI).
+/// exit-sti: `sti; nop; cli` on `window_rsp` (0 = stay on the VMM stack). The interrupt is
+/// recognized after the NOP (STI's one-instruction shadow), so the CPU's frame holds RIP =
+/// `ackvisor_sti_window_return` (the CLI).
+///
+/// The CPU pushes its frame on the current stack, so the window must run where a real
+/// interrupt's frame would go (DESIGN §3.4, as for replay): on the guest's stack at CPL 0, or
+/// NT's "already on the ISR stack?" check fails and its entry overwrites the live frames of a
+/// guest handler that was interrupted.
 #[unsafe(naked)]
-pub extern "sysv64" fn sti_window() {
+unsafe extern "sysv64" fn sti_window_on(window_rsp: u64) {
     core::arch::naked_asm!(
-        "sti", // IF=1 after the next instruction
-        "nop", // the shadow: interrupts arrive after this
+        "push rbp",      // anchor for the way back
+        "mov rbp, rsp",  //
+        "test rdi, rdi", // 0: the VMM stack (guest at CPL 3)
+        "jz 1f",         //
+        "mov rsp, rdi",  // the guest's stack, already aligned down to 16
+        "1:",            //
+        "sti",           // IF=1 after the next instruction
+        "nop",           // the shadow: interrupts arrive after this
         ".global ackvisor_sti_window_return",
         "ackvisor_sti_window_return:", // frame RIP of a root-mode delivery
         "cli",                         //
+        "mov rsp, rbp",                // back to the VMM stack
+        "pop rbp",                     //
         "ret",                         //
     )
+}
+
+/// Opens the exit-sti window where `frame` says a real interrupt's frame would go.
+#[inline(always)]
+pub fn sti_window(frame: FrameStack) {
+    let rsp = match frame {
+        FrameStack::Guest(rsp) => rsp,
+        FrameStack::Vmm => 0,
+    };
+    // SAFETY: the CPU delivers through this CPU's IDT (HOST_IDTR) onto `rsp`: the guest's own
+    // CPL-0 stack below its live data (no red zone in the x64 kernel) or ours; the handlers
+    // preserve every register, and IRETQ returns here.
+    unsafe { sti_window_on(rsp) };
 }
 
 unsafe extern "C" {
