@@ -19,6 +19,21 @@ pub unsafe fn outb(port: u16, value: u8) {
     };
 }
 
+/// Reads a byte from an I/O port.
+///
+/// # Safety
+/// The port must be one whose read side effects the caller wants (the UART's receive buffer
+/// pops a byte).
+#[inline(always)]
+pub unsafe fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: caller's duty.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
 /// Writes an MSR.
 ///
 /// # Safety

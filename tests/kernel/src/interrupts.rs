@@ -38,8 +38,22 @@ pub const IST_GATE_VECTOR: u8 = 0x91;
 pub const DPL3_GATE_VECTOR: u8 = 0x92;
 /// Legacy 8259 vectors after the remap (both PICs stay masked).
 const PIC_BASE: u8 = 0x30;
+/// Cross-CPU IPIs: CPU `i` sends `CROSS_BASE + i` (a fixed IPI to another CPU's APIC ID), so
+/// the receiver's count per vector is its count per sender and "raised == handled" stays exact
+/// per vector and CPU. Class 5: masked by the workload's CR8 stretches, replayed in root.
+pub const CROSS_BASE: u8 = 0x51;
+/// The cross-CPU vector CPU `sender` sends.
+pub const fn cross_vector(sender: u32) -> u8 {
+    CROSS_BASE + sender as u8
+}
+/// The sender of a cross-CPU vector, `None` for any other vector.
+pub fn cross_sender(vector: u8) -> Option<u32> {
+    (CROSS_BASE..CROSS_BASE + MAX_CPUS as u8)
+        .contains(&vector)
+        .then(|| u32::from(vector - CROSS_BASE))
+}
 /// Every vector this kernel raises.
-pub const SOURCE_VECTORS: [u8; 9] = [
+pub const SOURCE_VECTORS: [u8; 9 + MAX_CPUS] = [
     DPC_VECTOR,
     PER_CPU_VECTOR,
     0x61,
@@ -49,14 +63,23 @@ pub const SOURCE_VECTORS: [u8; 9] = [
     WAKE_VECTOR,
     IST_GATE_VECTOR,
     DPL3_GATE_VECTOR,
+    cross_vector(0),
+    cross_vector(1),
+    cross_vector(2),
+    cross_vector(3),
 ];
+const _: () = assert!(
+    MAX_CPUS == 4,
+    "SOURCE_VECTORS lists one cross-CPU vector per CPU"
+);
 
 /// Exceptions that push an error code (bit n = vector n): 8, 10-14, 17, 21, 29, 30.
 const ERROR_CODE_MASK: u32 = 0x6022_7D00;
 /// Bytes between consecutive entry stubs (`.balign` in the asm below).
 const STUB_BYTES: u64 = 16;
-/// TSC ticks each handler spends in its body, so that interrupts overlap.
-const HANDLER_BODY_TICKS: u64 = 300;
+/// TSC ticks each handler spends in its body, so that interrupts overlap (param `handler_body`).
+pub static HANDLER_BODY_TICKS: core::sync::atomic::AtomicU32 =
+    core::sync::atomic::AtomicU32::new(300);
 /// Value mixed into the frame canaries.
 const CANARY: u64 = 0xC0FF_EE00_DEAD_BEEF;
 
@@ -398,6 +421,29 @@ pub fn raise(vector: u8) -> bool {
     true
 }
 
+/// Sends this CPU's cross-CPU vector to CPU `target` unless the previous one is still
+/// outstanding there (the LAPIC would merge them). Only this CPU writes its `sent_to` counts;
+/// the target's run count is read across CPUs, and a stale (lower) value only skips a send.
+pub fn send_cross(target: u32) -> bool {
+    let _off = IrqOff::enter();
+    let cpu = this_cpu();
+    let me = cpu.index.load(Ordering::Relaxed);
+    let Some(dest) = percpu::CPUS.get(target as usize) else {
+        return false;
+    };
+    if target == me || !dest.online.load(Ordering::Acquire) {
+        return false;
+    }
+    let vector = cross_vector(me);
+    let sent = cpu.counts.sent_to[target as usize].load(Ordering::Relaxed);
+    if sent.wrapping_sub(dest.counts.runs.get(vector)) != 0 {
+        return false;
+    }
+    cpu.counts.sent_to[target as usize].store(sent.wrapping_add(1), Ordering::Relaxed);
+    apic::ipi(dest.apic_id.load(Ordering::Relaxed), vector);
+    true
+}
+
 /// Starts this CPU's clock: `period` TSC ticks, re-armed by each tick until [`clock_stop`].
 pub fn clock_start(period: u32) {
     let cpu = this_cpu();
@@ -443,7 +489,7 @@ fn action(vector: u8, cpu: &percpu::Cpu) {
         }
         _ => {}
     }
-    arch::spin(HANDLER_BODY_TICKS);
+    arch::spin(u64::from(HANDLER_BODY_TICKS.load(Ordering::Relaxed)));
 }
 
 /// Where a handler run was entered from.
@@ -613,6 +659,19 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
         cpu.recovery.fault_rip.store(0, Ordering::Relaxed);
         frame.rip = cpu.recovery.resume_rip.load(Ordering::Relaxed);
         return;
+    }
+    // The first unexpected exception reports; a CPU that faults after it (often a consequence,
+    // or the other CPU of a shared corruption) stops quietly so the first report stays legible.
+    static FAILING: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+    let me = cpu.index.load(Ordering::Relaxed) + 1;
+    match FAILING.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {}
+        // This CPU faulted again while reporting: power off with what was printed.
+        Err(first) if first == me => crate::console::shutdown(),
+        Err(_) => loop {
+            arch::cli();
+            arch::hlt();
+        },
     }
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects.

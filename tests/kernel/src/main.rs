@@ -2,7 +2,8 @@
 //! decides correctness (DESIGN §7) and runs the portable core `ackvisor-vmm` under Bochs.
 //!
 //! Boot (`boot`) → per-CPU tables (`percpu`, `interrupts`) → LAPIC → optional APs (`smp`) →
-//! the scenario named in the params sector (`params`, `scenarios`) → power off. Output goes to
+//! the scenario named in the params sector (`params`, `scenarios`, `control` for `serve`) →
+//! power off. Output goes to
 //! port 0xE9 (`console`) as `RESULT` lines (`report`) that `tests/runner` judges.
 //!
 //! **Runs in:** bare metal, CPL 0 (and briefly CPL 3, `user`).
@@ -13,6 +14,7 @@ mod apic;
 mod arch;
 mod boot;
 mod console;
+mod control;
 mod interrupts;
 mod mem;
 mod params;
@@ -22,6 +24,7 @@ mod pool;
 mod report;
 mod scenarios;
 mod smp;
+mod uart;
 mod user;
 mod workload;
 
@@ -54,9 +57,11 @@ extern "C" fn kmain() -> ! {
         "cycles" => "cycles",
         "rejected" => "rejected",
         "bench" => "bench",
+        "serve" => "serve",
         _ => "unknown",
     };
     report::set_scenario(scenario);
+    interrupts::HANDLER_BODY_TICKS.store(p.handler_body, core::sync::atomic::Ordering::Relaxed);
     kprintln!(
         "ackvisor test machine: scenario={} rounds={} clock_period={} stretch={} tsc={}",
         scenario,
@@ -79,6 +84,7 @@ extern "C" fn kmain() -> ! {
         "cycles" => scenarios::cycles(&p),
         "rejected" => scenarios::rejected(&p),
         "bench" => scenarios::bench(&p),
+        "serve" => control::serve_scenario(&p),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())

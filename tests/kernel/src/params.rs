@@ -25,7 +25,7 @@ static PARAMS_SECTOR: [u8; SECTOR] = default_sector();
 /// The run's parameters, with the defaults used when the sector does not name them.
 #[derive(Clone, Copy, Debug)]
 pub struct Params {
-    /// Scenario name (`boot`, `modes`, `vmcall`, `cycles`, `rejected`, `bench`, `demo`).
+    /// Scenario name (`boot`, `modes`, `vmcall`, `cycles`, `rejected`, `bench`, `demo`, `serve`).
     pub scenario: [u8; 16],
     /// Length of `scenario`.
     pub scenario_len: usize,
@@ -43,6 +43,16 @@ pub struct Params {
     pub smp: u32,
     /// Print per-vector tables and core statistics when 1.
     pub verbose: u32,
+    /// Modes `modes` runs, a bit per `Mode as u32` (default all four).
+    pub modes: u32,
+    /// TSC ticks each handler spends in its body (longer: more interrupts arrive inside one).
+    pub handler_body: u32,
+    /// Send cross-CPU IPIs in team workloads (1, the default) or not (0).
+    pub cross: u32,
+    /// `serve`: rounds each CPU runs at least before the runner's finish word ends the run.
+    pub min_rounds: u32,
+    /// `serve`: the mode to virtualize in (`Mode as u32`; the text names it, `start_mode=exit-sti`).
+    pub start_mode: u32,
 }
 
 impl Params {
@@ -63,6 +73,11 @@ impl Params {
             bench_ticks: 1000,
             smp: 0,
             verbose: 0,
+            min_rounds: 0,
+            cross: 1,
+            modes: 0xF,
+            handler_body: 300,
+            start_mode: ackvisor_vmm::Mode::AckReplay as u32,
         };
         p.scenario[..4].copy_from_slice(b"boot");
         let mut text = [0u8; SECTOR];
@@ -91,6 +106,13 @@ impl Params {
                 ("bench_ticks", Some(v)) => p.bench_ticks = v,
                 ("smp", Some(v)) => p.smp = v,
                 ("verbose", Some(v)) => p.verbose = v,
+                ("min_rounds", Some(v)) => p.min_rounds = v,
+                ("cross", Some(v)) => p.cross = v,
+                ("modes", Some(v)) => p.modes = v,
+                ("handler_body", Some(v)) => p.handler_body = v,
+                ("start_mode", _) if ackvisor_vmm::Mode::from_name(value).is_some() => {
+                    p.start_mode = ackvisor_vmm::Mode::from_name(value).map_or(0, |m| m as u32);
+                }
                 _ => crate::kprintln!("params: ignoring {word}"),
             }
         }

@@ -178,6 +178,9 @@ pub struct IntrCounts {
     pub nested: VectorCounts,
     /// Replays that interrupted a guest handler (their frame went below its live frames).
     pub replayed_nested: VectorCounts,
+    /// Cross-CPU IPIs this CPU sent, by target CPU index (always its own vector,
+    /// `interrupts::cross_vector(self)`).
+    pub sent_to: [AtomicU32; MAX_CPUS],
     /// Replays while this CPU ran at CPL 3 (the core built the frame on its own stack).
     pub replayed_from_ring3: Counter,
     /// Ring-3 excursions that did not end where they should.
@@ -210,6 +213,7 @@ impl IntrCounts {
             replay_low_cr8: VectorCounts::new(),
             nested: VectorCounts::new(),
             replayed_nested: VectorCounts::new(),
+            sent_to: [const { AtomicU32::new(0) }; MAX_CPUS],
             replayed_from_ring3: Counter::new(),
             ring3_bad_exits: Counter::new(),
             ctx_violations: Counter::new(),
@@ -249,12 +253,37 @@ impl IntrCounts {
         ] {
             c.reset();
         }
+        for c in &self.sent_to {
+            c.store(0, Ordering::Relaxed);
+        }
         self.last_violation.store(0, Ordering::Relaxed);
     }
 
-    /// Interrupts of `v` raised but not yet handled.
+    /// Interrupts of `v` raised on this CPU by this CPU but not yet handled.
     pub fn outstanding(&self, v: u8) -> u32 {
         self.raised.get(v).wrapping_sub(self.runs.get(v))
+    }
+}
+
+impl Cpu {
+    /// Interrupts of `v` requested for this CPU: its own raises, or for a cross-CPU vector
+    /// what its sender sent here.
+    pub fn raised(&self, v: u8) -> u32 {
+        match crate::interrupts::cross_sender(v) {
+            Some(sender) => CPUS.get(sender as usize).map_or(0, |s| {
+                let me = self.index.load(Ordering::Relaxed) as usize;
+                s.counts
+                    .sent_to
+                    .get(me)
+                    .map_or(0, |c| c.load(Ordering::Relaxed))
+            }),
+            None => self.counts.raised.get(v),
+        }
+    }
+
+    /// Interrupts of `v` requested for this CPU and not handled yet.
+    pub fn outstanding(&self, v: u8) -> u32 {
+        self.raised(v).wrapping_sub(self.counts.runs.get(v))
     }
 }
 

@@ -26,6 +26,8 @@ fn shape(p: &Params) -> Shape {
         rounds: p.rounds,
         clock_period: p.clock_period,
         stretch: p.stretch,
+        team: online_count(),
+        cross: p.cross != 0,
     }
 }
 
@@ -37,7 +39,8 @@ fn this_snapshot() -> Option<Snapshot> {
     hypervisor::cpu_state(CpuIndex(this_cpu().index.load(Ordering::Relaxed))).map(|s| s.stats)
 }
 
-fn virtualize(scenario: &str, mode: Mode) -> bool {
+/// Virtualizes every CPU in `mode`, or prints a fatal line.
+pub fn virtualize(scenario: &str, mode: Mode) -> bool {
     match hypervisor::virtualize_all(&PLATFORM, Config { mode }) {
         Ok(()) => true,
         Err((cpu, e)) => {
@@ -47,7 +50,8 @@ fn virtualize(scenario: &str, mode: Mode) -> bool {
     }
 }
 
-fn devirtualize(scenario: &str) -> bool {
+/// Devirtualizes every CPU, or prints a fatal line.
+pub fn devirtualize(scenario: &str) -> bool {
     match hypervisor::devirtualize_all() {
         Ok(()) => true,
         Err((cpu, e)) => {
@@ -149,7 +153,10 @@ pub fn modes(p: &Params, verbose: bool) {
     if verbose {
         print_features();
     }
-    for mode in Mode::ALL {
+    for mode in Mode::ALL
+        .into_iter()
+        .filter(|m| p.modes & (1 << *m as u32) != 0)
+    {
         if !set_mode(name, mode) {
             return;
         }
@@ -231,6 +238,8 @@ pub fn cycles(p: &Params) {
             rounds: 10,
             clock_period: p.clock_period,
             stretch: p.stretch,
+            team: 1,
+            cross: false,
         });
         lost += Tally::of(this_cpu(), None, true).lost;
         if !devirtualize(name) {
@@ -309,34 +318,54 @@ pub fn rejected(p: &Params) {
         .print();
 }
 
-/// Scenario 7: per mode, the clock alone; exits and root cycles per exit. Asserts nothing.
+/// Scenario 7: per mode, the clock alone on every CPU at once; exits and root cycles per exit
+/// summed over CPUs. Asserts nothing.
 pub fn bench(p: &Params) {
     let name = "bench";
     if !virtualize(name, Mode::Passthrough) {
         return;
     }
+    static TSC: [core::sync::atomic::AtomicU64; crate::percpu::MAX_CPUS] =
+        [const { core::sync::atomic::AtomicU64::new(0) }; crate::percpu::MAX_CPUS];
     for mode in Mode::ALL {
         if !set_mode(name, mode) {
             return;
         }
         hypervisor::reset_stats();
-        workload::reset_counts();
-        let tsc = workload::clock_only(p.bench_ticks, p.clock_period);
-        let s = this_snapshot().unwrap_or_else(Snapshot::zero);
-        let exits = s.exits[1];
+        let (ticks, period) = (p.bench_ticks, p.clock_period);
+        let result = smp::run_concurrently(&|index| {
+            workload::reset_counts();
+            let tsc = workload::clock_only(ticks, period);
+            TSC[index.0 as usize].store(tsc, Ordering::Relaxed);
+            Ok(())
+        });
+        if let Err((cpu, e)) = result {
+            fail(name, "bench", format_args!("cpu{}:{e:?}", cpu.0));
+            return;
+        }
+        let mut s = Snapshot::zero();
+        let mut tsc = 0;
+        for i in 0..online_count() {
+            if let Some(state) = hypervisor::cpu_state(CpuIndex(i)) {
+                s.merge(&state.stats);
+            }
+            tsc = tsc.max(TSC[i as usize].load(Ordering::Relaxed));
+        }
         let per_exit = s.cycles_sum.checked_div(s.cycles_count).unwrap_or(0);
-        let handler = handler_cycles(&s);
         let excl = s
             .cycles_sum
-            .saturating_sub(handler)
+            .saturating_sub(handler_cycles(&s))
             .checked_div(s.cycles_count)
             .unwrap_or(0);
         Line::new(name)
             .kv("mode", mode.name())
+            .kv("cpus", online_count())
+            .kv("stats", u8::from(ackvisor_vmm::stats::ENABLED))
             .kv("ticks", p.bench_ticks)
             .kv("tsc", tsc)
             .kv("tsc_per_tick", tsc / u64::from(p.bench_ticks.max(1)))
-            .kv("exits_extint", exits)
+            .kv("exits_extint", s.exits[1])
+            .kv("exits_timed", s.cycles_count)
             .kv("exits_total", s.total_exits())
             .kv("root_cycles_per_exit", per_exit)
             .kv("root_cycles_per_exit_excl_handler", excl)

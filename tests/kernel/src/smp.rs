@@ -37,24 +37,44 @@ extern "C" fn ap_main(index: u32) -> ! {
     apic::enable();
     loop {
         arch::cli();
-        if cpu.mailbox.state.load(Ordering::Acquire) == mailbox::POSTED {
-            // SAFETY: POSTED means the poster wrote `work` before the Release store and waits
-            // for DONE, so the closure outlives this call.
-            let work = unsafe { *cpu.mailbox.work.get() };
-            let result = match work {
-                // SAFETY: see above.
-                Some(f) => unsafe { (*f)(CpuIndex(index)) },
-                None => Ok(()),
-            };
-            // SAFETY: only this AP writes `result` between POSTED and DONE.
-            unsafe { *cpu.mailbox.result.get() = result };
-            cpu.mailbox.state.store(mailbox::DONE, Ordering::Release);
+        poll_mailbox(cpu);
+        if crate::control::take_serve_request(index) {
+            // The serve scenario's workload: rounds with IF=1, the mailbox polled between them,
+            // until the BSP says stop. Back here (IF=0) afterwards.
+            crate::control::serve_ap();
+            continue;
         }
         // `sti; hlt` is atomic (STI's one-instruction shadow), so a wake-up IPI cannot slip in
         // between the check above and the halt.
         // SAFETY: interrupts are expected here; the handler only counts the wake-up.
         unsafe { core::arch::asm!("sti", "hlt", options(nostack)) };
     }
+}
+
+/// Runs the work posted to this CPU's mailbox, if any, with the caller's IF (0 in the idle
+/// loop, 1 in the serve scenario's workload, where interrupts keep arriving during a mode
+/// change).
+pub fn poll_mailbox(cpu: &crate::percpu::Cpu) {
+    if cpu.mailbox.state.load(Ordering::Acquire) != mailbox::POSTED {
+        return;
+    }
+    // SAFETY: POSTED means the poster wrote `work` before the Release store and waits for DONE,
+    // so the closure outlives this call.
+    let work = unsafe { *cpu.mailbox.work.get() };
+    let index = cpu.index.load(Ordering::Relaxed);
+    let result = match work {
+        // SAFETY: see above.
+        Some(f) => unsafe { (*f)(CpuIndex(index)) },
+        None => Ok(()),
+    };
+    // SAFETY: only this AP writes `result` between POSTED and DONE.
+    unsafe { *cpu.mailbox.result.get() = result };
+    cpu.mailbox.state.store(mailbox::DONE, Ordering::Release);
+}
+
+/// Wakes an AP halted in its idle loop.
+pub fn wake(cpu: &crate::percpu::Cpu) {
+    apic::ipi(cpu.apic_id.load(Ordering::Relaxed), WAKE_VECTOR);
 }
 
 fn post(cpu: &crate::percpu::Cpu, f: &'static WorkFn<'static>) {

@@ -8,7 +8,7 @@
 //!
 //! **Runs in:** PASSIVE (guest side).
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use ackvisor_vmm::stats::Snapshot;
 
@@ -29,6 +29,12 @@ pub struct Shape {
     pub clock_period: u32,
     /// TSC ticks each stretch spins.
     pub stretch: u32,
+    /// CPUs running this workload at the same time (CPU indices `0..team`). With more than one,
+    /// each round also sends a cross-CPU IPI to another member, and the members wait for each
+    /// other before draining (a CPU's books close only once nobody sends to it any more).
+    pub team: u32,
+    /// Send cross-CPU IPIs within the team (param `cross`, default 1).
+    pub cross: bool,
 }
 
 /// Ticks to wait for outstanding interrupts at the end before calling them lost.
@@ -39,77 +45,146 @@ pub fn reset_counts() {
     this_cpu().counts.reset();
 }
 
+/// A reusable barrier for the CPUs of one workload (generation counted, so the same one serves
+/// every run). `poll` runs while waiting: the BSP keeps serving its link, APs their mailbox.
+pub struct Barrier {
+    arrived: AtomicU32,
+    generation: AtomicU32,
+}
+
+impl Barrier {
+    /// An empty barrier.
+    pub const fn new() -> Barrier {
+        Barrier {
+            arrived: AtomicU32::new(0),
+            generation: AtomicU32::new(0),
+        }
+    }
+
+    /// Waits until `n` CPUs arrived.
+    pub fn wait(&self, n: u32, poll: &mut dyn FnMut()) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 >= n {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation
+                .store(generation.wrapping_add(1), Ordering::Release);
+            return;
+        }
+        while self.generation.load(Ordering::Acquire) == generation {
+            poll();
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// The barrier between "stopped sending" and "drain" of a team workload.
+static SENDERS_DONE: Barrier = Barrier::new();
+
 /// Runs the workload on this CPU. Counters are not reset: call [`reset_counts`] first.
 pub fn run(shape: Shape) -> bool {
+    let mut rounds = 0..shape.rounds;
+    run_until(shape, &mut || rounds.next().is_none(), &mut || {}).0
+}
+
+/// Runs rounds until `done()` (asked before each round), calling `poll` after each round and
+/// while waiting; then stops its sources, meets the team, drains. Returns (drained, rounds).
+pub fn run_until(
+    shape: Shape,
+    done: &mut dyn FnMut() -> bool,
+    poll: &mut dyn FnMut(),
+) -> (bool, u32) {
     // APs run this from their idle loop's mailbox, where IF=0: the workload needs IF=1.
     let was_enabled = arch::rflags() & arch::RFLAGS_IF != 0;
     // SAFETY: this CPU's IDT and LAPIC are set up (percpu::init ran before any work).
     unsafe { arch::sti() };
     CHAINS.store(true, Ordering::Relaxed);
     interrupts::clock_start(shape.clock_period);
-    let stretch = u64::from(shape.stretch);
-    for round in 0..shape.rounds as usize {
-        let vector = IPI_VECTORS[round % IPI_VECTORS.len()];
-        // Each vector meets every kind of stretch: the kind changes every IPI_VECTORS rounds.
-        match (round / IPI_VECTORS.len()) % 5 {
-            0 => {
-                interrupts::raise(vector);
-                arch::spin(stretch);
-            }
-            1 => {
-                // IF=0 stretch: the vector waits for the `sti`. In an exit mode the `cli` ran
-                // after the last VM entry, so Bochs still lets one exit through with IF=0: the
-                // core must defer it.
-                let _off = IrqOff::enter();
-                interrupts::raise(vector);
-                arch::spin(stretch);
-            }
-            2 => {
-                // CR8 stretch: classes ≤ 5 (DPC, 0x41) wait, 0x61 and up get in.
-                let _cr8 = RaisedCr8::to(5);
-                interrupts::raise(vector);
-                arch::spin(stretch);
-            }
-            3 => {
-                let _off = IrqOff::enter();
-                let _cr8 = RaisedCr8::to(9);
-                interrupts::raise(vector);
-                arch::spin(stretch);
-            }
-            _ => {
-                // User mode with IF=1: interrupts arrive at CPL 3 (the loop turn is ~2 ticks).
-                interrupts::raise(vector);
-                if !crate::user::spin_in_ring3(stretch / 2) {
-                    this_cpu().counts.ring3_bad_exits.bump();
-                }
-            }
-        }
+    let mut round = 0u32;
+    while !done() {
+        one_round(round as usize, &shape);
+        round = round.wrapping_add(1);
+        poll();
     }
     interrupts::clock_stop();
-    let drained = drain();
+    if shape.team > 1 {
+        SENDERS_DONE.wait(shape.team, poll);
+    }
+    let drained = drain_with(poll);
     CHAINS.store(false, Ordering::Relaxed);
     if !was_enabled {
         arch::cli();
     }
-    drained
+    (drained, round)
 }
 
-/// Waits (IF=1) until every raised interrupt of this CPU has run.
+/// One round: a self-IPI in one kind of stretch, and (in a team) a cross-CPU IPI.
+fn one_round(round: usize, shape: &Shape) {
+    let stretch = u64::from(shape.stretch);
+    let vector = IPI_VECTORS[round % IPI_VECTORS.len()];
+    if shape.team > 1 && shape.cross {
+        // Every other member in turn, so with 4 CPUs every pair exchanges IPIs.
+        let me = this_cpu().index.load(Ordering::Relaxed);
+        let others = shape.team - 1;
+        let target = (me + 1 + (round as u32 % others)) % shape.team;
+        interrupts::send_cross(target);
+    }
+    // Each vector meets every kind of stretch: the kind changes every IPI_VECTORS rounds.
+    match (round / IPI_VECTORS.len()) % 5 {
+        0 => {
+            interrupts::raise(vector);
+            arch::spin(stretch);
+        }
+        1 => {
+            // IF=0 stretch: the vector waits for the `sti`. In an exit mode the `cli` ran
+            // after the last VM entry, so Bochs still lets one exit through with IF=0: the
+            // core must defer it.
+            let _off = IrqOff::enter();
+            interrupts::raise(vector);
+            arch::spin(stretch);
+        }
+        2 => {
+            // CR8 stretch: classes ≤ 5 (DPC, 0x41, cross-CPU) wait, 0x61 and up get in.
+            let _cr8 = RaisedCr8::to(5);
+            interrupts::raise(vector);
+            arch::spin(stretch);
+        }
+        3 => {
+            let _off = IrqOff::enter();
+            let _cr8 = RaisedCr8::to(9);
+            interrupts::raise(vector);
+            arch::spin(stretch);
+        }
+        _ => {
+            // User mode with IF=1: interrupts arrive at CPL 3 (the loop turn is ~2 ticks).
+            interrupts::raise(vector);
+            if !crate::user::spin_in_ring3(stretch / 2) {
+                this_cpu().counts.ring3_bad_exits.bump();
+            }
+        }
+    }
+}
+
+/// Waits (IF=1) until every interrupt requested for this CPU has run.
 pub fn drain() -> bool {
+    drain_with(&mut || {})
+}
+
+fn drain_with(poll: &mut dyn FnMut()) -> bool {
     let cpu = this_cpu();
     let t0 = arch::rdtsc();
     loop {
-        if counted_vectors().all(|v| cpu.counts.outstanding(v) == 0) {
+        if counted_vectors().all(|v| cpu.outstanding(v) == 0) {
             return true;
         }
         if arch::rdtsc() - t0 > DRAIN_TICKS {
             return false;
         }
+        poll();
         core::hint::spin_loop();
     }
 }
 
-/// Vectors whose raises this CPU counts itself (the wake-up IPI comes from another CPU).
+/// Vectors whose raises this kernel counts (the wake-up IPI is the mailbox's, not counted).
 fn counted_vectors() -> impl Iterator<Item = u8> {
     SOURCE_VECTORS.into_iter().filter(|&v| v != WAKE_VECTOR)
 }
@@ -253,6 +328,14 @@ pub fn publish(t: Tally) {
     unsafe { *TALLIES[i].0.get() = t };
 }
 
+/// CPU `i`'s published tally (call after the concurrent run).
+pub fn published(i: usize) -> Tally {
+    // SAFETY: the concurrent run is over (see `Slot`).
+    TALLIES
+        .get(i)
+        .map_or(Tally::ZERO, |s| unsafe { *s.0.get() })
+}
+
 /// The sum of every online CPU's published tally (call after `smp::run_concurrently`).
 pub fn collect() -> Tally {
     let mut sum = Tally::default();
@@ -274,7 +357,7 @@ impl Tally {
             ..Tally::default()
         };
         for v in counted_vectors() {
-            let (raised, runs) = (u64::from(c.raised.get(v)), u64::from(c.runs.get(v)));
+            let (raised, runs) = (u64::from(cpu.raised(v)), u64::from(c.runs.get(v)));
             t.raised += raised;
             t.ran += runs;
             t.lost += diff(raised, runs);
@@ -341,13 +424,13 @@ pub fn print_vectors(label: &str, cpu: &Cpu, core: Option<&Snapshot>) {
                 s.injections_by_vector[i],
             )
         });
-        if c.runs.get(v) == 0 && c.raised.get(v) == 0 && extint == 0 {
+        if c.runs.get(v) == 0 && cpu.raised(v) == 0 && extint == 0 {
             continue;
         }
         crate::kprintln!(
             "VECTOR {label} cpu={} v={v:#04x} raised={} runs={} guest={} replayed={} sti_window={} nested_root={} | core extint={extint} replays={replays} injections={injections}",
             cpu.index.load(Ordering::Relaxed),
-            c.raised.get(v),
+            cpu.raised(v),
             c.runs.get(v),
             c.guest.get(v),
             c.replayed.get(v),
@@ -360,6 +443,10 @@ pub fn print_vectors(label: &str, cpu: &Cpu, core: Option<&Snapshot>) {
 /// The clock-only load of the benchmark: `ticks` clock interrupts, no chains, no stretches.
 /// Returns the TSC ticks it took.
 pub fn clock_only(ticks: u32, period: u32) -> u64 {
+    // APs run this from their mailbox, where IF=0.
+    let was_enabled = arch::rflags() & arch::RFLAGS_IF != 0;
+    // SAFETY: this CPU's IDT and LAPIC are set up.
+    unsafe { arch::sti() };
     let cpu = this_cpu();
     let start = cpu.counts.runs.get(CLOCK_VECTOR);
     let t0 = arch::rdtsc();
@@ -370,5 +457,8 @@ pub fn clock_only(ticks: u32, period: u32) -> u64 {
     interrupts::clock_stop();
     let elapsed = arch::rdtsc() - t0;
     drain();
+    if !was_enabled {
+        arch::cli();
+    }
     elapsed
 }

@@ -10,14 +10,23 @@
 //! - [`Verdict`] compares fields and, on failure, names the model, the line, the field, the
 //!   expected and the got value.
 //!
+//! - [`start`] returns a running [`Machine`]; with [`RunSpec::serve`] its COM1 is a TCP socket
+//!   server that the [`relay`] holds the one connection to (Bochs accepts exactly one client),
+//!   and `ackctl --machine localhost:PORT` connects to the relay, one command at a time.
+//! - [`ackctl`] finds (building it if needed) and runs the real `ackctl` binary.
+//!
 //! **Runs in:** the Linux host (plain Rust; no shell scripts).
+
+pub mod ackctl;
+pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +41,8 @@ const DISK_BYTES: u64 = 20 * 16 * 63 * 512;
 /// Emulated instructions per emulated second. Only device timing depends on it (the kernel
 /// prints through port 0xE9 and times itself with the TSC), and low is fast (bochs-prototype).
 const IPS: u32 = 50_000_000;
+/// [`IPS`] for runs with the serial link (see [`RunSpec::serve`]).
+const SERIAL_IPS: u32 = 2_000_000;
 
 const BOCHS_BIN: &str = "bochs-bin";
 const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
@@ -93,14 +104,26 @@ fn objcopy() -> Result<PathBuf, String> {
 
 /// Builds the kernel (once per process) and returns the path of the flat image.
 pub fn kernel_image() -> Result<PathBuf, String> {
-    static IMAGE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    IMAGE.get_or_init(build_kernel_image).clone()
+    kernel_image_with(true)
 }
 
-fn build_kernel_image() -> Result<PathBuf, String> {
+/// The image with the core's `stats` feature on (the default) or off (its own target
+/// directory, `target/testkernel-nostats`), built once per process each.
+pub fn kernel_image_with(stats: bool) -> Result<PathBuf, String> {
+    static WITH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static WITHOUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let slot = if stats { &WITH } else { &WITHOUT };
+    slot.get_or_init(|| build_kernel_image(stats)).clone()
+}
+
+fn build_kernel_image(stats: bool) -> Result<PathBuf, String> {
     let root = workspace_root();
     let kernel_dir = root.join("tests/kernel");
-    let target_dir = root.join("target/testkernel");
+    let target_dir = root.join(if stats {
+        "target/testkernel"
+    } else {
+        "target/testkernel-nostats"
+    });
     fs::create_dir_all(&target_dir).map_err(|e| format!("create {}: {e}", target_dir.display()))?;
     // Another test process may be building right now: take the same lock.
     let lock_path = target_dir.join("build.lock");
@@ -121,6 +144,7 @@ fn build_kernel_image() -> Result<PathBuf, String> {
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
+        .args((!stats).then_some("--no-default-features"))
         .env("CARGO_TARGET_DIR", &target_dir)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -174,6 +198,12 @@ pub struct RunSpec {
     pub params: Vec<(String, String)>,
     /// Wall-clock limit.
     pub timeout: Duration,
+    /// The kernel image with the core's `stats` feature (default) or without it.
+    pub stats: bool,
+    /// COM1 as a TCP socket server, reached through [`Machine::control_addr`].
+    pub serial: bool,
+    /// Emulated instructions per emulated second (see [`IPS`]).
+    pub ips: u32,
 }
 
 impl RunSpec {
@@ -184,7 +214,31 @@ impl RunSpec {
             cpus: 1,
             params: vec![("scenario".into(), scenario.into())],
             timeout: Duration::from_secs(120),
+            stats: true,
+            serial: false,
+            ips: IPS,
         }
+    }
+
+    /// A run of the `serve` scenario: COM1 on, the control server answering `ackctl`, the
+    /// workload on every CPU until [`Machine::finish`] (then at least `min_rounds` per CPU).
+    pub fn serve(model: &str, cpus: u32, min_rounds: u32) -> RunSpec {
+        let mut spec = RunSpec::new(model, "serve")
+            .cpus(cpus)
+            .param("min_rounds", min_rounds);
+        spec.serial = true;
+        // Serial bytes take one character time each (69 µs at 115200 baud): fewer emulated
+        // instructions per µs make a 7 KiB stats reply a few hundred thousand instructions
+        // instead of millions. The LAPIC timer and the TSC count instructions, not µs.
+        spec.ips = SERIAL_IPS;
+        spec.timeout = Duration::from_secs(600);
+        spec
+    }
+
+    /// Uses the kernel built without the core's `stats` feature.
+    pub fn without_stats(mut self) -> RunSpec {
+        self.stats = false;
+        self
     }
 
     /// Adds a param.
@@ -213,6 +267,9 @@ impl RunSpec {
     /// A directory name for this run.
     pub fn name(&self) -> String {
         let mut n = format!("{}-{}-c{}", self.scenario(), self.model, self.cpus);
+        if !self.stats {
+            n.push_str("-nostats");
+        }
         for (k, v) in &self.params {
             if k != "scenario" && k != "smp" {
                 let _ = write!(n, "-{k}{v}");
@@ -318,15 +375,32 @@ impl RunOutput {
 
     /// The last lines of the console, for failure messages.
     pub fn tail(&self, n: usize) -> String {
-        let lines: Vec<_> = self.console.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        tail(&self.console, n)
     }
 }
 
-/// Runs the machine once.
+/// Runs the machine once, to its end (or the timeout).
 pub fn run(spec: &RunSpec) -> Result<RunOutput, String> {
+    start(spec)?.wait()
+}
+
+/// A running test machine: Bochs, its console, and (with [`RunSpec::serial`]) the relay that
+/// lets `ackctl` reach COM1. Dropping it kills Bochs.
+pub struct Machine {
+    spec: RunSpec,
+    child: Child,
+    console: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    out_dir: PathBuf,
+    started: Instant,
+    relay: Option<relay::Relay>,
+}
+
+/// Boots the machine and returns at once (with a serial link: once Bochs accepted the relay's
+/// connection, which it waits for before it runs anything).
+pub fn start(spec: &RunSpec) -> Result<Machine, String> {
     check_prerequisites()?;
-    let image = kernel_image()?;
+    let image = kernel_image_with(spec.stats)?;
     let out_dir = workspace_root().join("tests/out").join(spec.name());
     let _ = fs::remove_dir_all(&out_dir);
     fs::create_dir_all(&out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
@@ -342,11 +416,16 @@ pub fn run(spec: &RunSpec) -> Result<RunOutput, String> {
     let disk_path = out_dir.join("disk.img");
     fs::write(&disk_path, &disk).map_err(|e| format!("write {}: {e}", disk_path.display()))?;
 
-    let bochsrc = format!(
+    let com_port = if spec.serial {
+        Some(relay::free_port()?)
+    } else {
+        None
+    };
+    let mut bochsrc = format!(
         "megs: 64\n\
          romimage: file={BIOS}, options=fastboot\n\
          vgaromimage: file={VGABIOS}\n\
-         cpu: model={model}, count={cpus}, ips={IPS}, reset_on_triple_fault=0, ignore_bad_msrs=0\n\
+         cpu: model={model}, count={cpus}, ips={ips}, reset_on_triple_fault=0, ignore_bad_msrs=0\n\
          pci: enabled=1, chipset=i440fx\n\
          ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14\n\
          ata0-master: type=disk, mode=flat, path={disk}, cylinders=20, heads=16, spt=63\n\
@@ -361,9 +440,16 @@ pub fn run(spec: &RunSpec) -> Result<RunOutput, String> {
          debug: action=ignore\n",
         model = spec.model,
         cpus = spec.cpus,
+        ips = spec.ips,
         disk = disk_path.display(),
         log = out_dir.join("bochs.log").display(),
     );
+    if let Some(port) = com_port {
+        let _ = writeln!(
+            bochsrc,
+            "com1: enabled=1, mode=socket-server, dev=localhost:{port}"
+        );
+    }
     let rc_path = out_dir.join("bochsrc");
     fs::write(&rc_path, bochsrc).map_err(|e| format!("write bochsrc: {e}"))?;
     // The debugger is compiled into Debian's Bochs: it waits at a prompt unless told to go on.
@@ -388,8 +474,11 @@ pub fn run(spec: &RunSpec) -> Result<RunOutput, String> {
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("start {BOCHS_BIN}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let console = Arc::new(Mutex::new(String::new()));
+    let sink = console.clone();
+    // console.txt grows as the machine prints (a hung run can be read while it hangs).
+    let mut live = fs::File::create(out_dir.join("console.txt")).ok();
     let reader = std::thread::spawn(move || {
-        let mut text = String::new();
         let mut r = BufReader::new(stdout);
         let mut buf = Vec::new();
         while r
@@ -397,40 +486,178 @@ pub fn run(spec: &RunSpec) -> Result<RunOutput, String> {
             .map(|n| n > 0)
             .unwrap_or(false)
         {
-            text.push_str(&String::from_utf8_lossy(&buf));
+            if let Some(f) = live.as_mut() {
+                let _ = f.write_all(&buf);
+            }
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&String::from_utf8_lossy(&buf));
             buf.clear();
         }
-        text
     });
-    let mut timed_out = false;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if started.elapsed() > spec.timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                timed_out = true;
-                break;
+    let mut machine = Machine {
+        spec: spec.clone(),
+        child,
+        console,
+        reader: Some(reader),
+        out_dir,
+        started,
+        relay: None,
+    };
+    if let Some(port) = com_port {
+        let relay = relay::Relay::start(port, &mut machine.child, Duration::from_secs(30))
+            .map_err(|e| format!("{e}; see {}", machine.out_dir.join("bochs.log").display()))?;
+        machine.relay = Some(relay);
+    }
+    Ok(machine)
+}
+
+impl Machine {
+    /// What was started.
+    pub fn spec(&self) -> &RunSpec {
+        &self.spec
+    }
+
+    /// The run's directory.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// Where `ackctl --machine` reaches the control server (the relay's listening socket).
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().map(relay::Relay::addr)
+    }
+
+    /// `localhost:PORT` for `ackctl --machine`.
+    pub fn machine_arg(&self) -> Option<String> {
+        self.control_addr()
+            .map(|a| format!("localhost:{}", a.port()))
+    }
+
+    /// Everything printed so far.
+    pub fn console(&self) -> String {
+        self.console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether Bochs is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until the console has a RESULT line of `scenario`, a fatal line, or Bochs ended.
+    pub fn wait_for_result(
+        &mut self,
+        scenario: &str,
+        timeout: Duration,
+    ) -> Result<ResultLine, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = self.console();
+            let mut lines = console.lines().filter_map(ResultLine::parse);
+            if let Some(l) = lines.find(|l| l.scenario == scenario || l.get("fatal").is_some()) {
+                if l.get("fatal").is_some() {
+                    return Err(format!("the machine failed: {}", l.raw));
+                }
+                return Ok(l);
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("wait for bochs: {e}")),
+            if !self.running() {
+                return Err(format!(
+                    "Bochs ended without a `RESULT {scenario}` line; console tail:\n{}",
+                    tail(&console, 20)
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no `RESULT {scenario}` line after {timeout:?}; console tail:\n{}",
+                    tail(&console, 20)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let wall = started.elapsed();
-    let console = reader.join().unwrap_or_default();
-    let mut f = fs::File::create(out_dir.join("console.txt"))
-        .map_err(|e| format!("write console.txt: {e}"))?;
-    let _ = f.write_all(console.as_bytes());
-    let results = console.lines().filter_map(ResultLine::parse).collect();
-    Ok(RunOutput {
-        spec: spec.clone(),
-        console,
-        results,
-        out_dir,
-        wall,
-        timed_out,
-    })
+
+    /// Presses the machine's power button: the serve scenario finishes its rounds, closes its
+    /// books, prints its RESULT lines and powers off. Send it only when no client is mid-request.
+    pub fn finish(&self) -> Result<(), String> {
+        match &self.relay {
+            Some(r) => r.send_to_machine(FINISH_WORD),
+            None => Err("this machine has no serial link".into()),
+        }
+    }
+
+    /// Waits for Bochs to end (killing it at the spec's timeout) and collects the output.
+    pub fn wait(mut self) -> Result<RunOutput, String> {
+        let mut timed_out = false;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if self.started.elapsed() > self.spec.timeout => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    timed_out = true;
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("wait for bochs: {e}")),
+            }
+        }
+        Ok(self.collect(timed_out))
+    }
+
+    /// Kills Bochs now and collects what it printed.
+    pub fn kill(mut self) -> RunOutput {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.collect(false)
+    }
+
+    fn collect(&mut self, timed_out: bool) -> RunOutput {
+        let wall = self.started.elapsed();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        if let Some(r) = self.relay.take() {
+            r.stop();
+        }
+        let console = self.console();
+        if let Ok(mut f) = fs::File::create(self.out_dir.join("console.txt")) {
+            let _ = f.write_all(console.as_bytes());
+        }
+        let results = console.lines().filter_map(ResultLine::parse).collect();
+        RunOutput {
+            spec: self.spec.clone(),
+            console,
+            results,
+            out_dir: self.out_dir.clone(),
+            wall,
+            timed_out,
+        }
+    }
 }
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if self.reader.is_some() {
+            // Not collected (a test gave up early): keep the console for the post-mortem.
+            self.collect(false);
+        }
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<_> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The word the kernel's control server takes as "finish" (`tests/kernel/src/control.rs`).
+const FINISH_WORD: &[u8] = b"ACK!FINISH";
 
 /// Runs `spec` once per process however many tests ask for it (tests of several scenarios
 /// judge the same run).
