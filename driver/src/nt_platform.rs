@@ -26,8 +26,8 @@ use wdk_sys::ntddk::{
 use wdk_sys::{
     _DPFLTR_TYPE::DPFLTR_IHVDRIVER_ID, _MEMORY_CACHING_TYPE::MmCached, ALL_PROCESSOR_GROUPS,
     DISPATCH_LEVEL, DPFLTR_ERROR_LEVEL, DPFLTR_INFO_LEVEL, GROUP_AFFINITY, KAPC_STATE,
-    LARGE_INTEGER, NT_SUCCESS, PAGE_NOCACHE, PAGE_READWRITE, PAGE_SIZE, PROCESSOR_NUMBER,
-    PsInitialSystemProcess,
+    LARGE_INTEGER, NT_SUCCESS, PAGE_NOCACHE, PAGE_READWRITE, PAGE_SIZE, PASSIVE_LEVEL,
+    PROCESSOR_NUMBER, PsInitialSystemProcess,
 };
 
 /// Bugcheck code of a root-mode failure ("ACKV"), in the style of wdk-panic's "RPNC".
@@ -100,6 +100,9 @@ pub struct NtPlatform {
     host_cr3: AtomicU64,
     x2apic: AtomicBool,
     xapic_va: AtomicUsize,
+    /// `for_each_cpu` raised this thread from PASSIVE to DISPATCH_LEVEL (serialized by the
+    /// lifecycle lock, so one flag serves).
+    raised: AtomicBool,
 }
 
 /// The one instance the core gets as `&'static dyn Platform`.
@@ -107,6 +110,7 @@ pub static PLATFORM: NtPlatform = NtPlatform {
     host_cr3: AtomicU64::new(0),
     x2apic: AtomicBool::new(false),
     xapic_va: AtomicUsize::new(0),
+    raised: AtomicBool::new(false),
 };
 
 impl NtPlatform {
@@ -267,7 +271,9 @@ impl Platform for NtPlatform {
             // run the same code in a DPC, at DISPATCH_LEVEL).
             // SAFETY: raising from PASSIVE to DISPATCH_LEVEL is always allowed.
             let old = unsafe { KfRaiseIrql(DISPATCH_LEVEL as u8) };
+            self.raised.store(true, Ordering::Relaxed);
             let result = f(cpu);
+            self.raised.store(false, Ordering::Relaxed);
             // SAFETY: restores the IRQL saved above, on the same CPU.
             unsafe { KeLowerIrql(old) };
             // SAFETY: back at PASSIVE; `previous` came from the matching set call.
@@ -308,6 +314,21 @@ impl Platform for NtPlatform {
             ApicAccess::XApic {
                 base_va: self.xapic_va.load(Ordering::Acquire),
             }
+        }
+    }
+
+    fn relax(&self) {
+        // The core retries a hypercall because acknowledged vectors still wait on this CPU.
+        // One of class ≤ DISPATCH (a DPC or APC request) can only leave once IRQL drops below
+        // DISPATCH: drop to PASSIVE for a moment. Affinity keeps the thread on this CPU.
+        if self.raised.load(Ordering::Relaxed) {
+            // SAFETY: for_each_cpu raised this thread from PASSIVE to DISPATCH_LEVEL, so going
+            // back to PASSIVE and up again restores exactly the state it set.
+            unsafe { KeLowerIrql(PASSIVE_LEVEL as u8) };
+            // SAFETY: raising from PASSIVE to DISPATCH_LEVEL is always allowed.
+            unsafe { KfRaiseIrql(DISPATCH_LEVEL as u8) };
+        } else {
+            core::hint::spin_loop();
         }
     }
 

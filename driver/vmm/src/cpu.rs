@@ -48,6 +48,11 @@ pub struct RootState {
     pub exiting_suspended: bool,
     /// Preemption-timer value used to force that next exit (0: use MTF instead).
     pub preemption_ticks: u32,
+    /// The guest has run (the first VM entry succeeded). Before that, an entry failure is a
+    /// refusal to virtualize, after it a fatal state.
+    pub launched: bool,
+    /// Exit reason of a failed first VM entry, for the error `virtualize` returns.
+    pub launch_failure: Option<u32>,
     /// Cached [`Platform::irql_is_cr8`].
     pub irql_is_cr8: bool,
     /// Kernel code selector: replay frames push it, gates must use it.

@@ -189,6 +189,7 @@ pub fn virtualize_current_cpu(
     let raw = vmx::probe();
     let controls = caps::controls(&raw).map_err(Error::Unsupported)?;
     let features = *FEATURES.call_once(|| caps::features(&raw, outer));
+    caps::mode_supported(config.mode, &features).map_err(Error::Unsupported)?;
     CR4_FIXED0.store(raw.cr4_fixed0, Ordering::Relaxed);
     CR4_FIXED1.store(raw.cr4_fixed1, Ordering::Relaxed);
 
@@ -220,6 +221,8 @@ pub fn virtualize_current_cpu(
         pending: PendingSet::new(),
         exiting_suspended: false,
         preemption_ticks,
+        launched: false,
+        launch_failure: None,
         irql_is_cr8: platform.irql_is_cr8(),
         kernel_cs: regs::cs(),
         kernel_ss: regs::ss(),
@@ -302,7 +305,20 @@ pub fn virtualize_current_cpu(
     slot.store(pcpu, Ordering::Release);
     // SAFETY: the VMCS is complete (setup above), HOST_RSP/RIP are this CPU's stack and stub.
     match unsafe { stub::launch() } {
-        LaunchResult::Guest => Ok(()),
+        LaunchResult::Guest => {
+            // SAFETY: this CPU, now the guest; no exit is in progress, so root holds no reference.
+            unsafe { this.root() }.launched = true;
+            Ok(())
+        }
+        LaunchResult::EntryFailed => {
+            slot.store(core::ptr::null_mut(), Ordering::Release);
+            // SAFETY: VMX is off (root left it); nothing else refers to the root state.
+            let reason = unsafe { this.root() }.launch_failure.unwrap_or(0);
+            Err(undo(Error::VmxInstruction {
+                instruction: "VM entry (guest-state checks)",
+                error: reason,
+            }))
+        }
         failed => {
             slot.store(core::ptr::null_mut(), Ordering::Release);
             let error = if failed == LaunchResult::FailValid {
@@ -344,6 +360,9 @@ pub(crate) fn leave_root(ctx: &mut ExitCtx<'_>) -> ExitAction {
     let (cr0, cr3, cr4) = (v.read(guest::CR0), v.read(guest::CR3), v.read(guest::CR4));
     let (dr7, debugctl) = (v.read(guest::DR7), v.read(guest::IA32_DEBUGCTL_FULL));
     let (fs_base, gs_base) = (v.read(guest::FS_BASE), v.read(guest::GS_BASE));
+    let ds = v.read(guest::DS_SELECTOR) as u16;
+    let es = v.read(guest::ES_SELECTOR) as u16;
+    let fs = v.read(guest::FS_SELECTOR) as u16;
     let vmcs_pa = ctx.root.vmcs_pa;
     // SAFETY: the guest's own tables: exits left their limits at 0xFFFF (PatchGuard checks).
     unsafe { regs::lgdt(&gdt) };
@@ -362,7 +381,12 @@ pub(crate) fn leave_root(ctx: &mut ExitCtx<'_>) -> ExitAction {
         // without the MSR (Bochs) is never touched.
         unsafe { regs::wrmsr(msr::IA32_DEBUGCTL, debugctl) };
     }
-    // SAFETY: the guest's own FS/GS bases.
+    // Exits loaded the host selectors (RPL cleared): give the guest its own back, or an IRETQ
+    // to CPL 3 nulls them and 32-bit code faults (SimpleVisor does the same). GS stays: loading
+    // it would clear the GS base, and an NMI in between would find no KPCR.
+    // SAFETY: the guest's own selectors of its own GDT (restored above), loadable at CPL 0.
+    unsafe { regs::load_data_selectors(ds, es, fs) };
+    // SAFETY: the guest's own FS/GS bases (FS's was reset by the selector load).
     unsafe { regs::wrmsr(x86::msr::IA32_FS_BASE, fs_base) };
     // SAFETY: as above.
     unsafe { regs::wrmsr(x86::msr::IA32_GS_BASE, gs_base) };
@@ -391,13 +415,25 @@ fn hypercall_until_done(call: Call, arg: u64) -> Result<u64, Error> {
     for _ in 0..BUSY_RETRIES {
         match hypercall::vmcall(call, arg) {
             (Some(Status::Ok), value) => return Ok(value),
-            (Some(Status::Busy), _) => core::hint::spin_loop(),
+            (Some(Status::Busy), _) => relax(),
+            (Some(Status::Unsupported), _) => {
+                return Err(Error::Unsupported(caps::EXIT_STI_MISSING));
+            }
             (Some(Status::BadArgument | Status::UnknownCall) | None, _) => {
                 return Err(Error::NotVirtualized);
             }
         }
     }
     Err(Error::Busy)
+}
+
+/// Between Busy retries: let the platform lower IRQL if it raised it, so vectors that wait for
+/// the guest's CR8 to drop can be delivered.
+fn relax() {
+    match PLATFORM.get() {
+        Some(p) => p.relax(),
+        None => core::hint::spin_loop(),
+    }
 }
 
 fn current() -> Result<(&'static dyn Platform, &'static AtomicPtr<PerCpu>), Error> {

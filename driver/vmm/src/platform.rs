@@ -123,6 +123,12 @@ pub trait Platform: Sync {
         // SAFETY: IA32_DEBUGCTL exists on every VMX-capable Intel CPU.
         unsafe { crate::arch::regs::rdmsr(crate::arch::msr::IA32_DEBUGCTL) }
     }
+    /// Called between retries while root answers "busy" (acknowledged vectors still pending on
+    /// this CPU). A platform that runs [`Platform::for_each_cpu`]'s closure at a raised IRQL
+    /// must let it drop here, or a vector waiting for CR8 to fall below its class never leaves.
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
     /// Whether IRQL is nothing but CR8 on this platform. Then root raises and restores it with
     /// MOV CR8 inline (the exit path's cost) and never calls [`Platform::raise_irql`] or
     /// [`Platform::lower_irql`]. A platform that overrides those two must return false (NT:

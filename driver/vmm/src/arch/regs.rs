@@ -135,6 +135,20 @@ read_reg!(/// Reads the task register's selector.
 read_reg!(/// Reads the LDT selector.
     ldtr, "sldt {:x}", u16);
 
+/// Loads DS, ES and FS (in this order; FS last, since loading it also resets the FS base).
+///
+/// # Safety
+/// Each selector must be null or name a data segment the CPU may load at CPL 0 in the current
+/// GDT; the FS base must be rewritten afterwards if it matters.
+#[inline(always)]
+pub unsafe fn load_data_selectors(ds: u16, es: u16, fs: u16) {
+    // SAFETY: caller's duty.
+    unsafe {
+        core::arch::asm!("mov ds, {0:x}", "mov es, {1:x}", "mov fs, {2:x}",
+            in(reg) ds, in(reg) es, in(reg) fs, options(nostack, preserves_flags))
+    };
+}
+
 /// Reads RFLAGS.
 #[inline(always)]
 pub fn rflags() -> u64 {

@@ -17,6 +17,19 @@ pub struct GuestRegs {
 
 const _: () = assert!(core::mem::size_of::<GuestRegs>() == 144);
 
+/// The guest's x87/SSE state as the stub's FXSAVE64 stored it (SDM 1, "FXSAVE"): XMM*n* at
+/// byte 160 + 16·*n*. Handlers that must hand XMM registers to someone (forwarded hypercalls)
+/// read and write them here; the stub's FXRSTOR64 gives them to the guest.
+#[repr(C, align(16))]
+pub struct FxArea(pub [u8; 512]);
+
+impl FxArea {
+    /// Byte offset of XMM0.
+    pub const XMM0: usize = 160;
+}
+
+const _: () = assert!(core::mem::size_of::<FxArea>() == 512);
+
 /// Register numbers used by handlers.
 pub mod reg {
     /// RAX.

@@ -48,6 +48,8 @@ pub enum Status {
     BadArgument = 2,
     /// Not now: vectors are still pending on this CPU; retry.
     Busy = 3,
+    /// This CPU cannot run the requested mode (`vmx::caps::mode_supported`).
+    Unsupported = 4,
 }
 
 impl Status {
@@ -58,6 +60,7 @@ impl Status {
             1 => Some(Status::UnknownCall),
             2 => Some(Status::BadArgument),
             3 => Some(Status::Busy),
+            4 => Some(Status::Unsupported),
             _ => None,
         }
     }
@@ -74,10 +77,14 @@ pub enum VmcallAction {
     InjectUd,
 }
 
-/// DESIGN §5: a VMCALL is ours only from CPL 0 with the key; others go to the outer hypervisor
-/// when there is one, else #UD. A CPL-3 VMCALL with our key is never ours.
+/// DESIGN §5: a VMCALL is ours only from CPL 0 with the key; other CPL-0 VMCALLs go to the
+/// outer hypervisor when there is one. Everything else gets the #UD a CPL-3 VMCALL gets from
+/// Hyper-V itself: forwarding it would re-issue it from root at CPL 0, turning a user process's
+/// VMCALL into a privileged hypercall on guest-physical memory.
 pub const fn classify(cpl: u8, rcx: u64, outer_hypervisor: bool) -> VmcallAction {
-    if cpl == 0 && rcx == KEY {
+    if cpl != 0 {
+        VmcallAction::InjectUd
+    } else if rcx == KEY {
         VmcallAction::Ours
     } else if outer_hypervisor {
         VmcallAction::Forward
@@ -119,9 +126,16 @@ mod tests {
     }
 
     #[test]
-    fn foreign_vmcalls_forward_only_when_an_outer_hypervisor_exists() {
+    fn foreign_vmcalls_forward_only_from_cpl0_when_an_outer_hypervisor_exists() {
         assert_eq!(classify(0, 0x1234, true), VmcallAction::Forward);
-        assert_eq!(classify(3, KEY, true), VmcallAction::Forward);
+        assert_eq!(classify(0, 0x1234, false), VmcallAction::InjectUd);
+    }
+
+    #[test]
+    fn user_mode_vmcalls_are_never_forwarded() {
+        // Re-issued from root they would run at CPL 0 in the outer hypervisor's eyes.
+        assert_eq!(classify(3, KEY, true), VmcallAction::InjectUd);
+        assert_eq!(classify(3, 0x1234, true), VmcallAction::InjectUd);
         assert_eq!(classify(3, 0, false), VmcallAction::InjectUd);
     }
 

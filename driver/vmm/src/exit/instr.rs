@@ -89,6 +89,7 @@ mod xcr0 {
     pub const AVX: u64 = 1 << 2;
     pub const MPX: u64 = 0b11 << 3;
     pub const AVX512: u64 = 0b111 << 5;
+    pub const AMX: u64 = 0b11 << 17;
 }
 
 /// SDM "XSETBV" #GP conditions for XCR0: a value the CPU would reject is never written in root.
@@ -101,6 +102,10 @@ pub fn xsetbv_valid(index: u32, value: u64, supported: u64) -> bool {
     }
     let mpx = value & xcr0::MPX;
     if mpx != 0 && mpx != xcr0::MPX {
+        return false;
+    }
+    let amx = value & xcr0::AMX;
+    if amx != 0 && amx != xcr0::AMX {
         return false;
     }
     let avx512 = value & xcr0::AVX512;
@@ -154,11 +159,24 @@ fn forward(ctx: &mut ExitCtx<'_>) {
         ctx.regs.get(reg::RDX),
     );
     let mut r8 = ctx.regs.get(8);
+    let fx = ctx.fx.0.as_mut_ptr();
+    // Hyper-V's XMM fast hypercalls take input in XMM0-5 and may return output there: hand it
+    // the guest's registers from the FXSAVE area and put what comes back where FXRSTOR reads.
     // SAFETY: the outer hypervisor handles VMCALL from our root as from its guest; it only
-    // touches the registers named here and guest-physical memory the OS gave it.
+    // touches the registers named here and guest-physical memory the OS gave it. `fx` is the
+    // stub's 16-byte-aligned 512-byte FXSAVE area, XMM0-5 at bytes 160..256.
     unsafe {
-        core::arch::asm!("vmcall", inout("rax") rax, inout("rcx") rcx, inout("rdx") rdx, inout("r8") r8,
-            options(nostack))
+        core::arch::asm!(
+            "movdqa xmm0, [{fx} + 160]", "movdqa xmm1, [{fx} + 176]", "movdqa xmm2, [{fx} + 192]",
+            "movdqa xmm3, [{fx} + 208]", "movdqa xmm4, [{fx} + 224]", "movdqa xmm5, [{fx} + 240]",
+            "vmcall",
+            "movdqa [{fx} + 160], xmm0", "movdqa [{fx} + 176], xmm1", "movdqa [{fx} + 192], xmm2",
+            "movdqa [{fx} + 208], xmm3", "movdqa [{fx} + 224], xmm4", "movdqa [{fx} + 240], xmm5",
+            fx = in(reg) fx,
+            inout("rax") rax, inout("rcx") rcx, inout("rdx") rdx, inout("r8") r8,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+            options(nostack)
+        )
     };
     ctx.regs.set(reg::RAX, rax);
     ctx.regs.set(reg::RCX, rcx);
@@ -175,6 +193,9 @@ fn ours(ctx: &mut ExitCtx<'_>) -> ExitAction {
         }
         Ok(Call::SetMode) => match u32::try_from(arg).ok().and_then(|m| Mode::try_from(m).ok()) {
             None => Status::BadArgument,
+            Some(mode) if crate::vmx::caps::mode_supported(mode, &ctx.root.features).is_err() => {
+                Status::Unsupported
+            }
             // DESIGN §2: drain the pending set before a mode change.
             Some(_) if !ctx.root.pending.is_empty() => Status::Busy,
             Some(mode) => {
@@ -205,7 +226,12 @@ pub(super) fn handle_cr_access(ctx: &mut ExitCtx<'_>) -> ExitAction {
     let gpr = usize::from(q.gpr());
     match (q.cr(), q.access_type()) {
         (8, cr_access::MOV_TO) => {
-            let level = (ctx.regs.get(gpr) & 0xF) as u8;
+            let value = ctx.regs.get(gpr);
+            if value > 0xF {
+                // SDM "MOV—Move to/from Control Registers": reserved CR8 bits set is #GP.
+                return inject_gp(ctx);
+            }
+            let level = value as u8;
             // SAFETY: root runs with the guest's CR8 (no TPR shadow); this is the guest's own
             // write, done on its behalf. IF=0 in root, so nothing is delivered here.
             unsafe { regs::set_cr8(level) };
@@ -305,5 +331,11 @@ mod tests {
             "unsupported bit"
         );
         assert!(!xsetbv_valid(0, 0b00_1011, 0b11_1111), "half of MPX");
+        let amx = SUPPORTED | (0b11 << 17);
+        assert!(xsetbv_valid(0, 0b11 | (0b11 << 17), amx), "both AMX bits");
+        assert!(
+            !xsetbv_valid(0, 0b11 | (1 << 17), amx),
+            "AMX tile config without data"
+        );
     }
 }

@@ -45,6 +45,8 @@ pub struct ExitCtx<'a> {
     pub root: &'a mut RootState,
     /// The exit reason.
     pub reason: ExitReasonField,
+    /// The guest's saved x87/SSE state.
+    pub fx: &'a mut guest_regs::FxArea,
 }
 
 impl ExitCtx<'_> {
@@ -113,7 +115,11 @@ static HANDLERS: [Option<Handler>; HANDLER_SLOTS] = {
 };
 
 /// Called by the stub. Returns 0 to resume, 1 after VMXOFF.
-pub(crate) extern "sysv64" fn dispatch(regs: &mut GuestRegs, cpu: &PerCpu) -> u64 {
+pub(crate) extern "sysv64" fn dispatch(
+    regs: &mut GuestRegs,
+    cpu: &PerCpu,
+    fx: &mut guest_regs::FxArea,
+) -> u64 {
     // SAFETY: a VM exit just happened on this CPU, so its VMCS is current.
     let vmcs = unsafe { Vmcs::current() };
     // SAFETY: root mode of the CPU that owns `cpu` (the stub found it in this CPU's host
@@ -130,8 +136,14 @@ pub(crate) extern "sysv64" fn dispatch(regs: &mut GuestRegs, cpu: &PerCpu) -> u6
         cpu,
         root,
         reason,
+        fx,
     };
-    let action = if reason.entry_failure() {
+    let action = if reason.entry_failure() && !ctx.root.launched {
+        // The first VMLAUNCH failed its guest-state checks: a load-time refusal, not a crash.
+        ctx.root.launch_failure = Some(reason.raw());
+        ctx.vmcs.set(guest::RIP, stub::launch_failed_resume_point());
+        crate::hypervisor::leave_root(&mut ctx)
+    } else if reason.entry_failure() {
         ctx.fatal(FatalKind::EntryFailure)
     } else if reason.basic() == reason::EXTERNAL_INTERRUPT {
         // Hot path first, as KVM does: skips the table.

@@ -33,10 +33,14 @@ pub enum LaunchResult {
     FailInvalid,
     /// VMLAUNCH failed with VMfailValid (read the VM-instruction error).
     FailValid,
+    /// VM entry failed on guest state or MSR loading; VMX operation was left already.
+    EntryFailed,
 }
 
 /// Blue-pill launch: writes guest RSP/RIP/RFLAGS for "this call returns 0 as the guest" and
-/// runs VMLAUNCH. Returns 0 in the guest, 1 on VMfailInvalid, 2 on VMfailValid.
+/// runs VMLAUNCH. Returns 0 in the guest, 1 on VMfailInvalid, 2 on VMfailValid, 3 when the VM
+/// entry failed its guest-state checks (an exit with reason bit 31, which root turns into a
+/// return here: see `launch_failed_resume_point`).
 ///
 /// Stack at VMLAUNCH: `[rsp] = RFLAGS at entry`, then r15..rbx, then our return address; the
 /// guest resumes at label 2 with exactly that RSP and so unwinds the same frame.
@@ -69,6 +73,11 @@ extern "sysv64" fn launch_raw() -> u64 {
         "2:",                               // the guest starts here, RFLAGS already loaded
         "add rsp, 8",                       // drop the saved RFLAGS
         "xor eax, eax",                     // "returned 0": now the guest
+        "jmp 4f",                           //
+        ".global ackvisor_launch_failed",   // the first entry failed its guest-state checks:
+        "ackvisor_launch_failed:",          // root left VMX operation and continued here
+        "add rsp, 8",                       // (RFLAGS restored by the devirtualize path)
+        "mov eax, 3",                       //
         "4:",                               //
         "pop r15",                          //
         "pop r14",                          //
@@ -92,8 +101,19 @@ pub unsafe fn launch() -> LaunchResult {
     match launch_raw() {
         0 => LaunchResult::Guest,
         1 => LaunchResult::FailInvalid,
+        3 => LaunchResult::EntryFailed,
         _ => LaunchResult::FailValid,
     }
+}
+
+unsafe extern "C" {
+    static ackvisor_launch_failed: u8;
+}
+
+/// Where the guest continues when its very first VM entry failed: [`launch`] returns
+/// [`LaunchResult::EntryFailed`] from there.
+pub fn launch_failed_resume_point() -> u64 {
+    core::ptr::addr_of!(ackvisor_launch_failed) as u64
 }
 
 /// HOST_RIP. Stack on entry (HOST_RSP, 16-byte aligned): `[rsp] = &PerCpu`.
@@ -132,10 +152,11 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         "mov rdi, rsp",                     // arg 1: &mut GuestRegs
         "mov rsi, [rsp + {regs}]",          // arg 2: &PerCpu from the top slot
         "sub rsp, {fx}",                    //
-        "fxsave [rsp]",                     // XMM0-15 + MXCSR: root code may use SSE
+        "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP: root uses SSE
+        "mov rdx, rsp",                     // arg 3: &mut FxArea (forwarded XMM hypercalls)
         "cld",                              // the ABI wants DF=0; the guest may have set it
         "call {dispatch}",                  // rax = 0 resume, 1 devirtualize
-        "fxrstor [rsp]",                    //
+        "fxrstor64 [rsp]",                  //
         "add rsp, {fx}",                    // rsp = &GuestRegs
         "cmp rax, 1",                       // flags survive the pops below
         "pop rax",                          // -- restore, same order reversed

@@ -174,8 +174,9 @@ fn raise_to_dispatch(root: &crate::cpu::RootState, guest_cr8: u8) -> u8 {
     }
 }
 
-/// Gives the guest its IRQL back before VM entry (written even when equal: one instruction,
-/// and a handler that left CR8 elsewhere is corrected).
+/// Gives the guest its IRQL back before VM entry. On the raw-CR8 path it is written even when
+/// equal (one instruction), so a handler that left CR8 elsewhere is corrected; on NT,
+/// KeLowerIrql only lowers.
 #[inline(always)]
 fn restore_irql(root: &crate::cpu::RootState, old: u8) {
     match root.platform {

@@ -221,6 +221,23 @@ pub fn features(raw: &RawCaps, outer_hypervisor: bool) -> Features {
     }
 }
 
+/// What exit-sti lacks on a CPU with neither a preemption timer nor the monitor trap flag: it
+/// could not force the exit that ends a hand-over to the guest (DESIGN §2).
+pub const EXIT_STI_MISSING: Missing = Missing {
+    control: "VMX preemption timer or monitor trap flag (needed by exit-sti)",
+    msr: "IA32_VMX_TRUE_PINBASED_CTLS / IA32_VMX_TRUE_PROCBASED_CTLS",
+};
+
+/// Whether this CPU can run `mode`.
+pub const fn mode_supported(mode: crate::intr::Mode, f: &Features) -> Result<(), Missing> {
+    match mode {
+        crate::intr::Mode::ExitSti if !f.preemption_timer && !f.monitor_trap_flag => {
+            Err(EXIT_STI_MISSING)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// CR0 with the VMX fixed bits applied (FIXED0 bits set, bits clear in FIXED1 cleared).
 pub const fn fixed_cr0(raw: &RawCaps, cr0: u64) -> u64 {
     (cr0 | raw.cr0_fixed0) & raw.cr0_fixed1
@@ -317,6 +334,24 @@ pub(crate) mod tests {
         let raw = haswell();
         assert_ne!(fixed_cr4(&raw, 0x620) & (1 << 13), 0);
         assert_eq!(fixed_cr0(&raw, 0x8000_0011) & 0x8000_0021, 0x8000_0021);
+    }
+
+    #[test]
+    fn exit_sti_needs_a_way_to_force_the_next_exit() {
+        use crate::intr::Mode;
+        let none = Features::default();
+        assert_eq!(mode_supported(Mode::ExitSti, &none), Err(EXIT_STI_MISSING));
+        assert_eq!(mode_supported(Mode::AckReplay, &none), Ok(()));
+        let timer = Features {
+            preemption_timer: true,
+            ..Features::default()
+        };
+        let mtf = Features {
+            monitor_trap_flag: true,
+            ..Features::default()
+        };
+        assert_eq!(mode_supported(Mode::ExitSti, &timer), Ok(()));
+        assert_eq!(mode_supported(Mode::ExitSti, &mtf), Ok(()));
     }
 
     #[test]

@@ -54,6 +54,12 @@ pub fn setup(vmcs: &Vmcs, c: &Controls, h: &HostInputs) -> Result<(), VmxError> 
     vmcs.write(control::VMEXIT_CONTROLS, u64::from(c.exit))?;
     vmcs.write(control::VMENTRY_CONTROLS, u64::from(c.entry))?;
     vmcs.write(control::EXCEPTION_BITMAP, 0)?;
+    // VMCLEAR does not promise zeroed fields (KVM writes these too): no #PF or XSAVES exits.
+    vmcs.write(control::PAGE_FAULT_ERR_CODE_MASK, 0)?;
+    vmcs.write(control::PAGE_FAULT_ERR_CODE_MATCH, 0)?;
+    if c.proc2 & x86::vmx::vmcs::control::SecondaryControls::ENABLE_XSAVES_XRSTORS.bits() != 0 {
+        vmcs.write(control::XSS_EXITING_BITMAP_FULL, 0)?;
+    }
     vmcs.write(control::CR3_TARGET_COUNT, 0)?;
     vmcs.write(control::VMEXIT_MSR_STORE_COUNT, 0)?;
     vmcs.write(control::VMEXIT_MSR_LOAD_COUNT, 0)?;
