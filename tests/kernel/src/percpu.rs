@@ -457,6 +457,23 @@ pub fn online_count() -> u32 {
 }
 
 impl Cpu {
+    /// Sets or clears the busy bit of this CPU's TSS descriptor in its GDT. The loaded TR keeps
+    /// its cached descriptor, so nothing changes for the running CPU; only what a reader of the
+    /// GDT (the core capturing guest state) sees. VM entry insists on a busy 64-bit TSS, so a
+    /// cleared bit makes the first VM entry fail its guest-state checks (`cycles` scenario).
+    ///
+    /// # Safety
+    /// Call on this CPU with IF=0, and set the bit again before anything executes LTR.
+    pub unsafe fn set_tss_busy(&'static self, busy: bool) {
+        const BUSY: u64 = 1 << 41;
+        // SAFETY: only this CPU touches its tables (caller's duty).
+        let t = unsafe { &mut *self.tables.get() };
+        let slot = usize::from(TSS_SEL / 8);
+        if let Some(d) = t.gdt.get_mut(slot) {
+            *d = if busy { *d | BUSY } else { *d & !BUSY };
+        }
+    }
+
     /// Builds and loads this CPU's GDT, TSS and IDT and points GS base at `self`.
     /// `gates` fills the IDT for CPU `index`.
     ///

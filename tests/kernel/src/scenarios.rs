@@ -225,6 +225,7 @@ pub fn vmcall(_p: &Params) {
 pub fn cycles(p: &Params) {
     let name = "cycles";
     let start = pool::in_use();
+    let (refused, refused_reason, refused_pool) = refused_first_entry();
     let (mut virtualized, mut pings, mut devirtualized, mut leaks, mut lost) = (0, 0, 0, 0, 0);
     let mut first_leak = 0;
     for i in 0..p.cycles {
@@ -262,9 +263,48 @@ pub fn cycles(p: &Params) {
         .kv("pool_end", pool::in_use())
         .kv("pool_peak", pool::peak())
         .kv("leaky_cycles", leaks)
+        .kv("refused_entry", refused)
+        .kv("refused_reason", refused_reason)
+        .kv("refused_pool_back", refused_pool)
         .kv("first_leaky_cycle", first_leak)
         .kv("lost", lost)
         .print();
+}
+
+/// A first VM entry that fails its guest-state checks (TSS descriptor not busy) must come back
+/// as an error from `virtualize`, with every page returned and VMX left, not as a fatal state.
+/// Returns (refused, exit reason reported, pool back to its start value).
+fn refused_first_entry() -> (u32, u64, u32) {
+    let start = pool::in_use();
+    let cpu = this_cpu();
+    let interrupts_were_on = arch::rflags() & (1 << 9) != 0;
+    arch::cli();
+    // SAFETY: this CPU, interrupts off until the bit is back; nothing runs LTR meanwhile.
+    unsafe { cpu.set_tss_busy(false) };
+    let result = hypervisor::virtualize_current_cpu(
+        &PLATFORM,
+        Config {
+            mode: Mode::AckReplay,
+        },
+    );
+    // SAFETY: as above.
+    unsafe { cpu.set_tss_busy(true) };
+    if interrupts_were_on {
+        // SAFETY: the state interrupts found before this function, restored.
+        unsafe { arch::sti() };
+    }
+    let (refused, reason) = match result {
+        Err(ackvisor_vmm::Error::VmxInstruction { error, .. }) => (1, u64::from(error)),
+        Ok(()) => {
+            let _ = hypervisor::devirtualize_current_cpu();
+            (0, 0)
+        }
+        Err(e) => {
+            fail("cycles", "refused_first_entry", format_args!("{e:?}"));
+            (0, 0)
+        }
+    };
+    (refused, reason, u32::from(pool::in_use() == start))
 }
 
 /// Scenario 6: gates the core must reject (IST≠0, DPL 3): injected, counted, run in the guest.

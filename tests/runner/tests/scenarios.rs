@@ -151,7 +151,7 @@ fn vmcall_from_ring3_or_with_wrong_key_gets_ud(model: &str) {
 }
 
 /// Scenario 5: 20 virtualize/devirtualize cycles give every page back; ping after each.
-fn twenty_cycles_return_every_page(model: &str) {
+fn twenty_cycles_return_every_page_and_a_failed_entry_is_refused(model: &str) {
     let run = machine(RunSpec::new(model, "cycles").param("cycles", 20));
     let mut v = Verdict::new(&run);
     if let Some(l) = v.line("cycles", None) {
@@ -160,7 +160,12 @@ fn twenty_cycles_return_every_page(model: &str) {
             .eq(l, "devirtualized", 20)
             .eq(l, "leaky_cycles", 0)
             .eq_field(l, "pool_end", "pool_start")
-            .eq(l, "lost", 0);
+            .eq(l, "lost", 0)
+            // A first VM entry failing its guest-state checks (TSS not busy) is a refusal:
+            // exit reason 0x80000021, every page back, and the 20 cycles after it still work.
+            .eq(l, "refused_entry", 1)
+            .eq(l, "refused_reason", 0x8000_0021)
+            .eq(l, "refused_pool_back", 1);
     }
     v.finish();
 }
@@ -311,7 +316,7 @@ per_model!(
     ack_replay_exits_once_and_replays_in_root,
     each_mode_runs_handlers_where_it_should,
     vmcall_from_ring3_or_with_wrong_key_gets_ud,
-    twenty_cycles_return_every_page,
+    twenty_cycles_return_every_page_and_a_failed_entry_is_refused,
     rejected_gates_are_injected,
     bench_prints_figures,
     two_cpus_deliver_and_replay_on_each_cpu,
