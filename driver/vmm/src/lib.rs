@@ -76,7 +76,9 @@ pub enum Error {
     /// A VMX instruction failed outside root (VMXON, VMCLEAR, VMPTRLD, VMLAUNCH), with the
     /// VM-instruction error when there is one.
     VmxInstruction {
+        /// The instruction (or "VM entry (guest-state checks)").
         instruction: &'static str,
+        /// VM-instruction error, or the exit reason of a failed first VM entry; 0 if none.
         error: u32,
     },
     /// The hypervisor refused the request for now (vectors still pending); retry.

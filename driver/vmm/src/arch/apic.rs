@@ -19,9 +19,10 @@ pub fn highest_irr(apic: ApicAccess) -> Option<u8> {
                 // hypervisor; IRR registers are readable 32-bit MMIO with no side effects.
                 unsafe { core::ptr::read_volatile(p) }
             }
-            // SAFETY: in x2APIC mode the IRR MSRs exist and reading them has no side effects.
             ApicAccess::X2Apic => {
-                (unsafe { super::regs::rdmsr(X2APIC_IRR0 + u32::from(i)) }) as u32
+                // SAFETY: in x2APIC mode the IRR MSRs exist and reading them has no side effects.
+                let v = unsafe { super::regs::rdmsr(X2APIC_IRR0 + u32::from(i)) };
+                v as u32
             }
         };
         if word != 0 {

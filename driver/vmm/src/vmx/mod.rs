@@ -24,10 +24,12 @@ pub enum VmxError {
 /// Reads the capability MSRs of this CPU.
 pub fn probe() -> caps::RawCaps {
     use x86::msr as m;
-    // SAFETY (every read below): the IA32_VMX_* MSRs exist whenever CPUID.1:ECX.VMX = 1, which
-    // the caller checked; TRUE_* only when VMX_BASIC bit 55 says so, PROCBASED_CTLS2 only when
-    // the primary allowed-1 half offers secondary controls.
-    let rd = |msr_index: u32| unsafe { regs::rdmsr(msr_index) };
+    let rd = |msr_index: u32| {
+        // SAFETY: the IA32_VMX_* MSRs exist whenever CPUID.1:ECX.VMX = 1, which the caller
+        // checked; TRUE_* are read only when VMX_BASIC bit 55 says so, PROCBASED_CTLS2 only when
+        // the primary allowed-1 half offers secondary controls.
+        unsafe { regs::rdmsr(msr_index) }
+    };
     let basic = rd(m::IA32_VMX_BASIC);
     let has_true = msr::VmxBasic::from_raw(basic).true_controls();
     let proc = rd(m::IA32_VMX_PROCBASED_CTLS);

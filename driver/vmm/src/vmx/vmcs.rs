@@ -85,7 +85,7 @@ pub fn setup(vmcs: &Vmcs, c: &Controls, h: &HostInputs) -> Result<(), VmxError> 
     vmcs.write(host::FS_SELECTOR, u64::from(regs::fs() & !7))?;
     vmcs.write(host::GS_SELECTOR, u64::from(regs::gs() & !7))?;
     vmcs.write(host::TR_SELECTOR, u64::from(tr & !7))?;
-    // SAFETY (the MSR reads below): FS/GS base and SYSENTER MSRs exist on every x86-64 CPU.
+    // SAFETY: FS/GS base and SYSENTER MSRs (this and the reads below) exist on every x86-64 CPU.
     let fs_base = unsafe { regs::rdmsr(x86::msr::IA32_FS_BASE) };
     // SAFETY: as above.
     let gs_base = unsafe { regs::rdmsr(x86::msr::IA32_GS_BASE) };
