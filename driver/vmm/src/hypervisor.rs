@@ -139,11 +139,10 @@ fn slot(cpu: CpuIndex) -> Result<&'static AtomicPtr<PerCpu>, Error> {
 }
 
 fn vmx_err(instruction: &'static str, e: VmxError) -> Error {
-    let error = match e {
-        VmxError::VmFailValid(n) => n,
-        VmxError::VmFailInvalid => 0,
-    };
-    Error::VmxInstruction { instruction, error }
+    Error::VmxInstruction {
+        instruction,
+        error: e.instruction_error(),
+    }
 }
 
 /// Virtualizes every CPU through [`Platform::for_each_cpu`]; on any failure undoes all.
@@ -298,10 +297,7 @@ pub fn virtualize_current_cpu(
     }
     // SAFETY: this CPU, before launch; no other reference exists.
     let root = unsafe { this.root() };
-    crate::intr::apply_mode(&vmcs, root, config.mode);
-    this.data
-        .applied_mode
-        .store(config.mode as u32, Ordering::Release);
+    crate::intr::apply_mode(&vmcs, root, &this.data.applied_mode, config.mode);
     slot.store(pcpu, Ordering::Release);
     // SAFETY: the VMCS is complete (setup above), HOST_RSP/RIP are this CPU's stack and stub.
     match unsafe { stub::launch() } {
@@ -394,14 +390,8 @@ pub(crate) fn leave_root(ctx: &mut ExitCtx<'_>) -> ExitAction {
     let _ = unsafe { vmx::vmclear(vmcs_pa) };
     // SAFETY: every piece of guest state lives in the registers again (above).
     if let Err(e) = unsafe { vmx::vmxoff() } {
-        let mut state = match ctx.fatal(crate::FatalKind::ResumeFailed) {
-            ExitAction::Fatal(s) => s,
-            other => return other,
-        };
-        state.instr_error = match e {
-            VmxError::VmFailValid(n) => n,
-            VmxError::VmFailInvalid => 0,
-        };
+        let mut state = ctx.fatal_state(crate::FatalKind::ResumeFailed);
+        state.instr_error = e.instruction_error();
         return ExitAction::Fatal(state);
     }
     // SAFETY: out of VMX operation: VMXE may be cleared.

@@ -277,22 +277,20 @@ pub fn cycles(p: &Params) {
 fn refused_first_entry() -> (u32, u64, u32) {
     let start = pool::in_use();
     let cpu = this_cpu();
-    let interrupts_were_on = arch::rflags() & (1 << 9) != 0;
-    arch::cli();
-    // SAFETY: this CPU, interrupts off until the bit is back; nothing runs LTR meanwhile.
-    unsafe { cpu.set_tss_busy(false) };
-    let result = hypervisor::virtualize_current_cpu(
-        &PLATFORM,
-        Config {
+    let result = {
+        // IF=0 (and marked so) until the bit is back: nothing may run LTR or take an interrupt
+        // through a frame that would need the TSS while the descriptor is off.
+        let _irq_off = interrupts::IrqOff::enter();
+        // SAFETY: this CPU, interrupts off until the bit is back; nothing runs LTR meanwhile.
+        unsafe { cpu.set_tss_busy(false) };
+        let config = Config {
             mode: Mode::AckReplay,
-        },
-    );
-    // SAFETY: as above.
-    unsafe { cpu.set_tss_busy(true) };
-    if interrupts_were_on {
-        // SAFETY: the state interrupts found before this function, restored.
-        unsafe { arch::sti() };
-    }
+        };
+        let r = hypervisor::virtualize_current_cpu(&PLATFORM, config);
+        // SAFETY: as above.
+        unsafe { cpu.set_tss_busy(true) };
+        r
+    };
     let (refused, reason) = match result {
         Err(ackvisor_vmm::Error::VmxInstruction { error, .. }) => (1, u64::from(error)),
         Ok(()) => {

@@ -199,11 +199,7 @@ fn ours(ctx: &mut ExitCtx<'_>) -> ExitAction {
             // DESIGN §2: drain the pending set before a mode change.
             Some(_) if !ctx.root.pending.is_empty() => Status::Busy,
             Some(mode) => {
-                crate::intr::apply_mode(ctx.vmcs, ctx.root, mode);
-                ctx.cpu
-                    .data
-                    .applied_mode
-                    .store(mode as u32, core::sync::atomic::Ordering::Release);
+                crate::intr::apply_mode(ctx.vmcs, ctx.root, &ctx.cpu.data.applied_mode, mode);
                 ctx.log(LogKind::ModeApplied, mode as u64, 0);
                 Status::Ok
             }

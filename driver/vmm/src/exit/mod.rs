@@ -61,16 +61,21 @@ impl ExitCtx<'_> {
         self.cpu.data.log.push(regs::rdtsc(), kind, a, b);
     }
 
-    /// A fatal record for this exit.
+    /// A fatal action for this exit.
     pub fn fatal(&self, kind: FatalKind) -> ExitAction {
-        ExitAction::Fatal(FatalState {
+        ExitAction::Fatal(self.fatal_state(kind))
+    }
+
+    /// The fatal record for this exit (no VM-instruction error).
+    pub fn fatal_state(&self, kind: FatalKind) -> FatalState {
+        FatalState {
             cpu: self.root.cpu,
             exit_reason: self.reason.raw(),
             qualification: self.vmcs.read(ro::EXIT_QUALIFICATION),
             guest_rip: self.vmcs.read(guest::RIP),
             instr_error: 0,
             kind,
-        })
+        }
     }
 }
 

@@ -224,7 +224,13 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
 }
 
 /// Writes `mode`'s controls into the current VMCS.
-pub fn apply_mode(ctx_vmcs: &crate::vmx::Vmcs, root: &mut crate::cpu::RootState, mode: Mode) {
+/// `applied` is the CPU's `CpuData::applied_mode`, which PASSIVE readers see.
+pub fn apply_mode(
+    ctx_vmcs: &crate::vmx::Vmcs,
+    root: &mut crate::cpu::RootState,
+    applied: &core::sync::atomic::AtomicU32,
+    mode: Mode,
+) {
     root.mode = mode;
     if root.exiting_suspended {
         inject::resume_exiting(ctx_vmcs, root);
@@ -240,4 +246,5 @@ pub fn apply_mode(ctx_vmcs: &crate::vmx::Vmcs, root: &mut crate::cpu::RootState,
         exit |= ExitControls::ACK_INTERRUPT_ON_EXIT.bits();
     }
     ctx_vmcs.set(x86::vmx::vmcs::control::VMEXIT_CONTROLS, u64::from(exit));
+    applied.store(mode as u32, core::sync::atomic::Ordering::Release);
 }

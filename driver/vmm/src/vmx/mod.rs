@@ -21,6 +21,16 @@ pub enum VmxError {
     VmFailInvalid,
 }
 
+impl VmxError {
+    /// The VM-instruction error number, 0 for VMfailInvalid (which has none).
+    pub const fn instruction_error(self) -> u32 {
+        match self {
+            VmxError::VmFailValid(n) => n,
+            VmxError::VmFailInvalid => 0,
+        }
+    }
+}
+
 /// Reads the capability MSRs of this CPU.
 pub fn probe() -> caps::RawCaps {
     use x86::msr as m;
