@@ -12,7 +12,7 @@ use crate::exit::{ExitAction, ExitCtx};
 use crate::intr::Mode;
 use crate::intr::pending::PendingSet;
 use crate::platform::{CpuIndex, Platform};
-use crate::stats::Snapshot;
+use crate::stats::{Snapshot, Stats};
 use crate::vmx::{self, VmxError, caps, vmcs::CR4_VMXE};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
@@ -481,6 +481,19 @@ pub fn cpu_state(cpu: CpuIndex) -> Option<CpuState> {
         mode: p.applied_mode(),
         stats: p.data.stats.snapshot(),
     })
+}
+
+/// The mode one CPU has applied, `None` when it is not virtualized. Reads no counter: where only
+/// the mode is wanted, this keeps a 7 KiB [`CpuState`] off the caller's (kernel) stack.
+pub fn cpu_mode(cpu: CpuIndex) -> Option<Mode> {
+    with_cpu(cpu, |p| p.applied_mode())
+}
+
+/// Runs `f` with one CPU's mode and its live counters, read in place; `None` when it is not
+/// virtualized. The control dispatcher encodes replies this way, one CPU at a time, straight
+/// into the output buffer (a [`Snapshot`] is more than a kernel function may hold on NT's stack).
+pub fn with_cpu_counters<T>(cpu: CpuIndex, f: impl FnOnce(Mode, &Stats) -> T) -> Option<T> {
+    with_cpu(cpu, |p| f(p.applied_mode(), &p.data.stats))
 }
 
 /// Takes the root-mode log records of one CPU, oldest first.
