@@ -475,7 +475,12 @@ fn with_cpu<T>(cpu: CpuIndex, f: impl FnOnce(&PerCpu) -> T) -> Option<T> {
     NonNull::new(p).map(|p| f(unsafe { p.as_ref() }))
 }
 
-/// State of one CPU, `None` when it is not virtualized.
+/// State of one CPU, `None` when it is not virtualized. Its 7 KiB do not fit a kernel frame: NT
+/// paths use [`cpu_mode`] and [`with_cpu_counters`].
+// Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+// 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+// to link in the driver (lld-link resolves every symbol of an object it pulls in).
+#[inline]
 pub fn cpu_state(cpu: CpuIndex) -> Option<CpuState> {
     with_cpu(cpu, |p| CpuState {
         mode: p.applied_mode(),

@@ -112,6 +112,7 @@ fn copy<const N: usize>(src: &[AtomicU64; N]) -> [u64; N] {
 }
 
 impl Default for Stats {
+    #[inline]
     fn default() -> Self {
         Self::new()
     }
@@ -119,6 +120,10 @@ impl Default for Stats {
 
 impl Stats {
     /// All zero.
+    // Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+    // 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+    // to link in the driver (lld-link resolves every symbol of an object it pulls in).
+    #[inline]
     pub const fn new() -> Self {
         Self {
             exits: [const { AtomicU64::new(0) }; EXIT_REASON_SLOTS],
@@ -242,6 +247,10 @@ impl Stats {
     }
 
     /// A copy of the counters now.
+    // Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+    // 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+    // to link in the driver (lld-link resolves every symbol of an object it pulls in).
+    #[inline]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             exits: copy(&self.exits),
@@ -340,6 +349,10 @@ fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
 
 impl Snapshot {
     /// All zero.
+    // Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+    // 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+    // to link in the driver (lld-link resolves every symbol of an object it pulls in).
+    #[inline]
     pub const fn zero() -> Self {
         Self {
             exits: [0; EXIT_REASON_SLOTS],
