@@ -531,6 +531,7 @@ mod tests {
         s.guest_take();
         s.anomaly(Anomaly::ForeignVmcall);
         s.cycles(700);
+        s.cycles(50);
         s.handler_cycles(9);
         let mut live = std::vec::Vec::new();
         s.each(&mut |g, v| live.push((g, v)));
@@ -541,6 +542,7 @@ mod tests {
             live.len(),
             EXIT_REASON_SLOTS + 3 * 256 + 3 + ANOMALY_KINDS + 4 + HISTOGRAM_BUCKETS
         );
+        assert!(live.contains(&(9, 750)), "cycles_sum is group 9");
         assert!(live.contains(&(10, 700)), "cycles_max is group 10");
     }
 

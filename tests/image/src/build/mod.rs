@@ -146,6 +146,9 @@ pub fn build(profile: Profile) -> Result<Image, String> {
     cmd.arg("-C")
         .arg(format!("link-arg={}", kit.trap_stubs.display()));
     // wdk-sys's build script finds the WDK through these (an eWDK prompt sets the same).
+    // Line tables in release too, so its PDB names every function for the image check's report;
+    // debug information changes no code.
+    cmd.env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only");
     cmd.env("WDKContentRoot", &kit.wdk_root)
         .env("Version_Number", kit::SDK_VERSION)
         .env("LIBCLANG_PATH", LIBCLANG_DIR)
