@@ -7,7 +7,14 @@ use ackvisor_image::check::run::{Target, check_file};
 
 #[test]
 fn the_debug_image_builds_on_linux_and_passes_the_image_check() {
+    let lock = build::workspace_root().join("Cargo.lock");
+    let lock_before = std::fs::read(&lock).unwrap();
     let image = build::build(Profile::Debug).unwrap_or_else(|e| panic!("{e}"));
+    // The build resolves (with its patched wdk-build) into a lock file of its own.
+    assert!(
+        std::fs::read(&lock).unwrap() == lock_before,
+        "the image build changed the workspace's Cargo.lock"
+    );
     let report = check_file(&Target {
         image: image.sys.clone(),
         exports: Some(image.exports.clone()),

@@ -187,8 +187,12 @@ pub(crate) fn debian_cargo(root: &Path, lockfile: &Path) -> Command {
         .env("RUSTC_BOOTSTRAP", "1")
         .env("RUSTC", DEBIAN_RUSTC)
         .env("PATH", std::env::join_paths(paths).unwrap_or(path))
-        .args(["-Zlockfile-path", "--config"])
-        .arg(format!("resolver.lockfile-path={}", toml_string(lockfile)));
+        // The lock file of our own, set in the environment rather than on the command line:
+        // wdk-sys's build script runs `cargo metadata` itself (through wdk-build), which sees
+        // the [patch] too but not our flags, and would write the patched resolution into the
+        // workspace's Cargo.lock.
+        .env("CARGO_UNSTABLE_LOCKFILE_PATH", "true")
+        .env("CARGO_RESOLVER_LOCKFILE_PATH", lockfile);
     // What a surrounding `cargo test` or the user's shell set for *their* build.
     for var in [
         "CARGO_TARGET_DIR",
