@@ -19,9 +19,21 @@ impl Names {
 
     /// The procedures (and, where a procedure record is missing, the public symbols) of a PDB.
     pub fn from_pdb(path: &Path) -> Result<Self, String> {
+        Self::from_pdb_matching(path, None)
+    }
+
+    /// Like [`Names::from_pdb`], but only from the PDB whose GUID is `guid` (the image's
+    /// CodeView record, Windows byte order): a PDB left over from another link would name the
+    /// wrong functions. No names (and no error) when it does not match.
+    pub fn from_pdb_matching(path: &Path, guid: Option<[u8; 16]>) -> Result<Self, String> {
         let err = |e: pdb::Error| format!("{}: {e}", path.display());
         let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut pdb = pdb::PDB::open(file).map_err(err)?;
+        if let Some(guid) = guid
+            && pdb.pdb_information().map_err(err)?.guid.to_bytes_le() != guid
+        {
+            return Ok(Self::none());
+        }
         let map = pdb.address_map().map_err(err)?;
         let mut by_rva = BTreeMap::new();
         let globals = pdb.global_symbols().map_err(err)?;

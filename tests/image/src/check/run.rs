@@ -29,9 +29,18 @@ pub fn check_file(t: &Target) -> Result<Report, String> {
         .pdb
         .clone()
         .or_else(|| Some(t.image.with_extension("pdb")).filter(|p| p.is_file()));
-    let names = match &pdb {
-        Some(p) => Names::from_pdb(p)?,
-        None => Names::none(),
+    // Names only from the PDB this image was linked with (its CodeView record's GUID).
+    let guid = object::read::pe::PeFile64::parse(&*data)
+        .ok()
+        .and_then(|pe| {
+            object::Object::pdb_info(&pe)
+                .ok()
+                .flatten()
+                .map(|cv| cv.guid())
+        });
+    let names = match (&pdb, guid) {
+        (Some(p), Some(guid)) => Names::from_pdb_matching(p, Some(guid))?,
+        _ => Names::none(),
     };
     Ok(check(&data, exports, &names))
 }
