@@ -17,6 +17,7 @@ mod console;
 mod control;
 mod interrupts;
 mod mem;
+mod ntos;
 mod params;
 mod percpu;
 mod platform;
@@ -58,6 +59,7 @@ extern "C" fn kmain() -> ! {
         "rejected" => "rejected",
         "bench" => "bench",
         "serve" => "serve",
+        "nt-load" => "nt-load",
         _ => "unknown",
     };
     report::set_scenario(scenario);
@@ -85,6 +87,7 @@ extern "C" fn kmain() -> ! {
         "rejected" => scenarios::rejected(&p),
         "bench" => scenarios::bench(&p),
         "serve" => control::serve_scenario(&p),
+        "nt-load" => ntos::load_scenario(&p),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())

@@ -18,6 +18,7 @@
 //! **Runs in:** the Linux host (plain Rust; no shell scripts).
 
 pub mod ackctl;
+pub mod driver;
 pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};
@@ -413,6 +414,7 @@ pub fn start(spec: &RunSpec) -> Result<Machine, String> {
     disk[PARAMS_OFFSET..PARAMS_OFFSET + 512].fill(0);
     disk[PARAMS_OFFSET..PARAMS_OFFSET + text.len()].copy_from_slice(text.as_bytes());
     disk.resize(DISK_BYTES as usize, 0);
+    driver::attach(spec, &mut disk)?;
     let disk_path = out_dir.join("disk.img");
     fs::write(&disk_path, &disk).map_err(|e| format!("write {}: {e}", disk_path.display()))?;
 

@@ -1,0 +1,95 @@
+//! A miniature NT for the real ackvisor.sys (issue 9): the runner puts the image the project
+//! builds on Linux onto the disk (`disk`), the loader maps it as NT's would (`loader`), binding
+//! its imports to this kernel's exports (`exports`), whose objects use NT's x64 layouts
+//! (`layout`).
+//!
+//! Scenario `nt-load` loads the image and reports what the load did; a broken image gets a
+//! `fatal=1` line naming the fault.
+//!
+//! **Runs in:** PASSIVE, BSP.
+
+pub mod disk;
+pub mod exports;
+pub mod layout;
+pub mod loader;
+
+use core::cell::UnsafeCell;
+
+use crate::params::Params;
+use crate::report::Line;
+
+/// The largest image file the kernel reads (the debug ackvisor.sys is about 300 KiB).
+const FILE_BYTES: usize = 1 << 20;
+/// The largest `SizeOfImage` the kernel maps.
+const IMAGE_BYTES: usize = 1 << 20;
+
+#[repr(C, align(4096))]
+struct Buffer<const N: usize>(UnsafeCell<[u8; N]>);
+
+// SAFETY: only the BSP touches the buffers, in `load_scenario`, once per boot.
+unsafe impl<const N: usize> Sync for Buffer<N> {}
+
+/// The kernel has no heap. `object` links the `alloc` crate but its PE reader allocates
+/// nothing; should anything allocate, the request fails and the run ends in the panic line.
+struct NoHeap;
+
+// SAFETY: never hands out memory (null is GlobalAlloc's "failed").
+unsafe impl core::alloc::GlobalAlloc for NoHeap {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static NO_HEAP: NoHeap = NoHeap;
+
+static FILE: Buffer<FILE_BYTES> = Buffer(UnsafeCell::new([0; FILE_BYTES]));
+static IMAGE: Buffer<IMAGE_BYTES> = Buffer(UnsafeCell::new([0; IMAGE_BYTES]));
+
+/// Scenario `nt-load`: read the image from the disk, load it, report.
+pub fn load_scenario(_p: &Params) {
+    const NAME: &str = "nt-load";
+    // SAFETY: the only reference to FILE for the life of this run (see `Buffer`'s Sync).
+    let file = unsafe { &mut *FILE.0.get() };
+    // SAFETY: the only reference to IMAGE for the life of this run (the image's code, once
+    // called, reaches its own bytes through the addresses the loader wrote, not this borrow).
+    let image = unsafe { &mut *IMAGE.0.get() };
+    let len = match disk::read_image(file) {
+        Ok(n) => n,
+        Err(e) => {
+            let mut line = Line::new(NAME);
+            line.kv("fatal", 1).kv("loaded", 0);
+            e.report(&mut line);
+            line.print();
+            return;
+        }
+    };
+    match loader::load(&file[..len], image) {
+        Ok(l) => {
+            Line::new(NAME)
+                .kv("loaded", 1)
+                .kv("file_bytes", len)
+                .kv("size", l.size)
+                .kv("base", format_args!("{:#x}", l.base))
+                .kv("entry_rva", format_args!("{:#x}", l.entry - l.base))
+                .kv("sections", l.sections)
+                .kv("relocations", l.relocations)
+                .kv("relocations_inside", l.relocations_inside)
+                .kv("imports", l.imports)
+                .kv("exports", exports::count())
+                .kv(
+                    "irql_violations",
+                    exports::IRQL_VIOLATIONS.load(core::sync::atomic::Ordering::Acquire),
+                )
+                .kv("first_violation", exports::first_violation())
+                .print();
+        }
+        Err(e) => {
+            let mut line = Line::new(NAME);
+            line.kv("fatal", 1).kv("loaded", 0);
+            e.report(&mut line);
+            line.print();
+        }
+    }
+}

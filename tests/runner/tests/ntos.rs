@@ -1,0 +1,142 @@
+//! The miniature NT loading the real ackvisor.sys (issue 9): the good image on both CPU models,
+//! and each broken copy the runner makes (`ackvisor_runner::driver`) refused with a `fatal=1`
+//! line naming the fault, the machine still reaching its end line.
+//!
+//! Expected figures are read from the same file on the host with `object`, independently of the
+//! kernel's loader.
+
+use ackvisor_runner::{MODELS, RunOutput, RunSpec, Verdict, driver, run_shared};
+use object::LittleEndian as LE;
+use object::pe::IMAGE_REL_BASED_DIR64;
+use object::read::pe::{ImageNtHeaders, ImageOptionalHeader, PeFile64};
+
+const SCENARIO: &str = "nt-load";
+
+fn machine(spec: RunSpec) -> std::sync::Arc<RunOutput> {
+    match run_shared(&spec) {
+        Ok(run) => run,
+        Err(e) => panic!("model {}: {} could not run: {e}", spec.model, spec.name()),
+    }
+}
+
+/// What the host reads from the image: sections, DIR64 relocations, imports, SizeOfImage,
+/// entry RVA.
+struct Expected {
+    sections: u64,
+    relocations: u64,
+    imports: u64,
+    size: u64,
+    entry_rva: u64,
+}
+
+fn expected(bytes: &[u8]) -> Expected {
+    let pe = PeFile64::parse(bytes).expect("the host parses ackvisor.sys");
+    let sections = pe.section_table();
+    let mut relocations = 0;
+    let mut blocks = pe
+        .data_directories()
+        .relocation_blocks(bytes, &sections)
+        .expect("relocations")
+        .expect("ackvisor.sys has relocations");
+    while let Some(block) = blocks.next().expect("relocation block") {
+        relocations += block.filter(|r| r.typ == IMAGE_REL_BASED_DIR64).count() as u64;
+    }
+    let table = pe
+        .data_directories()
+        .import_table(bytes, &sections)
+        .expect("imports")
+        .expect("ackvisor.sys has imports");
+    let mut imports = 0;
+    let mut descriptors = table.descriptors().expect("descriptors");
+    while let Some(d) = descriptors.next().expect("descriptor") {
+        let mut thunks = table
+            .thunks(d.original_first_thunk.get(LE))
+            .expect("thunks");
+        while thunks
+            .next::<object::pe::ImageNtHeaders64>()
+            .expect("thunk")
+            .is_some()
+        {
+            imports += 1;
+        }
+    }
+    let optional = pe.nt_headers().optional_header();
+    Expected {
+        sections: sections.len() as u64,
+        relocations,
+        imports,
+        size: u64::from(optional.size_of_image()),
+        entry_rva: u64::from(optional.address_of_entry_point()),
+    }
+}
+
+fn loads_the_real_image(model: &str) {
+    let bytes = driver::image_bytes("good").expect("ackvisor.sys builds");
+    let want = expected(&bytes);
+    let run = machine(RunSpec::new(model, SCENARIO));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = v.line(SCENARIO, None) {
+        v.eq(l, "loaded", 1)
+            .eq(l, "file_bytes", bytes.len() as u64)
+            .eq(l, "size", want.size)
+            .eq(l, "entry_rva", want.entry_rva)
+            .eq(l, "sections", want.sections)
+            .eq(l, "imports", want.imports)
+            .eq(l, "relocations", want.relocations)
+            .gt(l, "relocations", 0)
+            .eq_field(l, "relocations_inside", "relocations")
+            .eq(l, "exports", 41)
+            .eq(l, "irql_violations", 0);
+    }
+    v.finish();
+}
+
+/// A broken image: one `fatal=1` line with `field=value`, and the machine still ends.
+fn refuses(model: &str, variant: &str, field: &str, value: &str) {
+    let run = machine(RunSpec::new(model, SCENARIO).param("image", variant));
+    let fatal: Vec<_> = run
+        .lines(SCENARIO, None)
+        .filter(|l| l.get("fatal").is_some())
+        .collect();
+    let ended = run.lines(SCENARIO, None).any(|l| l.num("end") == Some(1));
+    let named = fatal
+        .iter()
+        .any(|l| l.get(field) == Some(value) && l.num("loaded") == Some(0));
+    assert!(
+        fatal.len() == 1 && named && ended && !run.console.contains("PANIC"),
+        "model {model}: image={variant}: expected one fatal line with {field}={value} and an end \
+         line; got {} fatal line(s), end={ended}\nconsole tail:\n{}",
+        fatal.len(),
+        run.tail(15)
+    );
+}
+
+fn refuses_each_broken_image(model: &str) {
+    refuses(model, "unknown-import", "unknown_import", "KeBugCheckXx");
+    let bytes = driver::image_bytes("good").expect("ackvisor.sys builds");
+    let (_, rva) = driver::first_relocation(&bytes).expect("a relocation");
+    refuses(model, "bad-reloc", "bad_relocation", &format!("{rva:#x}"));
+    refuses(
+        model,
+        "bad-reloc",
+        "reloc_type",
+        &driver::BAD_RELOC_TYPE.to_string(),
+    );
+    let half = (bytes.len() / 2).to_string();
+    refuses(model, "truncated", "file_bytes", &half);
+}
+
+#[test]
+fn nt_load_haswell() {
+    loads_the_real_image(MODELS[0]);
+}
+
+#[test]
+fn nt_load_skylake() {
+    loads_the_real_image(MODELS[1]);
+}
+
+#[test]
+fn nt_load_refusals_haswell() {
+    refuses_each_broken_image(MODELS[0]);
+}
