@@ -8,7 +8,7 @@
 use ackvisor_runner::{MODELS, RunOutput, RunSpec, Verdict, driver, run_shared};
 use object::LittleEndian as LE;
 use object::pe::IMAGE_REL_BASED_DIR64;
-use object::read::pe::{ImageNtHeaders, ImageOptionalHeader, PeFile64};
+use object::read::pe::{ImageNtHeaders, ImageOptionalHeader, Import, PeFile64};
 
 const SCENARIO: &str = "nt-load";
 
@@ -25,8 +25,20 @@ struct Expected {
     sections: u64,
     relocations: u64,
     imports: u64,
+    /// FNV-1a over the import names in thunk order (the kernel's `bound_names_hash`).
+    names_hash: u64,
     size: u64,
     entry_rva: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+    }
+    hash
 }
 
 fn expected(bytes: &[u8]) -> Expected {
@@ -46,18 +58,21 @@ fn expected(bytes: &[u8]) -> Expected {
         .import_table(bytes, &sections)
         .expect("imports")
         .expect("ackvisor.sys has imports");
-    let mut imports = 0;
+    let (mut imports, mut names_hash) = (0, FNV_OFFSET);
     let mut descriptors = table.descriptors().expect("descriptors");
     while let Some(d) = descriptors.next().expect("descriptor") {
         let mut thunks = table
             .thunks(d.original_first_thunk.get(LE))
             .expect("thunks");
-        while thunks
+        while let Some(thunk) = thunks
             .next::<object::pe::ImageNtHeaders64>()
             .expect("thunk")
-            .is_some()
         {
             imports += 1;
+            match table.import::<object::pe::ImageNtHeaders64>(thunk) {
+                Ok(Import::Name(_, name)) => names_hash = fnv1a(fnv1a(names_hash, name), &[0]),
+                _ => panic!("ackvisor.sys imports only by name"),
+            }
         }
     }
     let optional = pe.nt_headers().optional_header();
@@ -65,6 +80,7 @@ fn expected(bytes: &[u8]) -> Expected {
         sections: sections.len() as u64,
         relocations,
         imports,
+        names_hash,
         size: u64::from(optional.size_of_image()),
         entry_rva: u64::from(optional.address_of_entry_point()),
     }
@@ -82,6 +98,8 @@ fn loads_the_real_image(model: &str) {
             .eq(l, "entry_rva", want.entry_rva)
             .eq(l, "sections", want.sections)
             .eq(l, "imports", want.imports)
+            .eq(l, "bound", want.imports)
+            .eq(l, "bound_names_hash", want.names_hash)
             .eq(l, "relocations", want.relocations)
             .gt(l, "relocations", 0)
             .eq_field(l, "relocations_inside", "relocations")

@@ -379,6 +379,14 @@ pub fn find(dll: &[u8], name: &[u8]) -> Option<usize> {
         .map(|e| (e.address)())
 }
 
+/// The name of the export at `address`, if it is one.
+pub fn name_of(address: usize) -> Option<&'static [u8]> {
+    NTOSKRNL
+        .iter()
+        .find(|e| (e.address)() == address)
+        .map(|e| e.name)
+}
+
 /// How many routines and variables the table exports.
 pub fn count() -> usize {
     NTOSKRNL.len()

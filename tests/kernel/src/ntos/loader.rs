@@ -12,8 +12,8 @@ use core::fmt;
 
 use object::LittleEndian as LE;
 use object::pe::{
-    IMAGE_FILE_MACHINE_AMD64, IMAGE_NT_OPTIONAL_HDR64_MAGIC, IMAGE_REL_BASED_ABSOLUTE,
-    IMAGE_REL_BASED_DIR64,
+    IMAGE_DIRECTORY_ENTRY_IAT, IMAGE_FILE_MACHINE_AMD64, IMAGE_NT_OPTIONAL_HDR64_MAGIC,
+    IMAGE_REL_BASED_ABSOLUTE, IMAGE_REL_BASED_DIR64,
 };
 use object::read::pe::{ImageNtHeaders, ImageOptionalHeader, Import, PeFile64};
 
@@ -136,6 +136,13 @@ pub struct Loaded {
     pub relocations_inside: u32,
     /// Import slots bound.
     pub imports: u32,
+    /// Slots of the import address table (its own data directory, read back from the mapped
+    /// image) that hold an address of this kernel's exports.
+    pub bound: u32,
+    /// FNV-1a over the names of the exports those slots hold, in slot order, each name
+    /// followed by a NUL; a slot holding anything else adds `?`. The runner computes the same
+    /// over the image's import names: a slot bound to the wrong routine changes it.
+    pub bound_names_hash: u64,
 }
 
 fn copy_name<const N: usize>(src: &[u8]) -> [u8; N] {
@@ -143,6 +150,16 @@ fn copy_name<const N: usize>(src: &[u8]) -> [u8; N] {
     let n = src.len().min(N);
     out[..n].copy_from_slice(&src[..n]);
     out
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+    }
+    hash
 }
 
 fn read_u64(image: &[u8], at: usize) -> Option<u64> {
@@ -270,6 +287,26 @@ pub fn load(file: &[u8], image: &mut [u8]) -> Result<Loaded, LoadError> {
         }
     }
 
+    let (mut bound, mut hash) = (0, FNV_OFFSET);
+    if let Some(iat) = pe.data_directory(IMAGE_DIRECTORY_ENTRY_IAT) {
+        let (rva, len) = iat.address_range();
+        let slots = image
+            .get(rva as usize..rva as usize + len as usize)
+            .ok_or(LoadError::TooLarge(size))?;
+        for slot in slots.chunks_exact(8) {
+            match read_u64(slot, 0).unwrap_or(0) {
+                0 => {}
+                value => match exports::name_of(value as usize) {
+                    Some(name) => {
+                        bound += 1;
+                        hash = fnv1a(fnv1a(hash, name), &[0]);
+                    }
+                    None => hash = fnv1a(hash, b"?"),
+                },
+            }
+        }
+    }
+
     Ok(Loaded {
         base,
         size,
@@ -278,5 +315,7 @@ pub fn load(file: &[u8], image: &mut [u8]) -> Result<Loaded, LoadError> {
         relocations,
         relocations_inside: inside,
         imports,
+        bound,
+        bound_names_hash: hash,
     })
 }

@@ -77,6 +77,11 @@ pub fn load_scenario(_p: &Params) {
                 .kv("relocations", l.relocations)
                 .kv("relocations_inside", l.relocations_inside)
                 .kv("imports", l.imports)
+                .kv("bound", l.bound)
+                .kv(
+                    "bound_names_hash",
+                    format_args!("{:#x}", l.bound_names_hash),
+                )
                 .kv("exports", exports::count())
                 .kv(
                     "irql_violations",
