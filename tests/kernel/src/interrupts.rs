@@ -314,8 +314,8 @@ pub struct ExceptionFrame {
     rbp: u64,
     rdi: u64,
     rsi: u64,
-    rdx: u64,
-    rcx: u64,
+    pub(crate) rdx: u64,
+    pub(crate) rcx: u64,
     rbx: u64,
     /// RAX of the faulting code.
     pub rax: u64,
@@ -649,6 +649,9 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
         frame.ss = u64::from(percpu::KERNEL_SS);
         frame.rsp = kernel_rsp;
         frame.rflags &= !RFLAGS_IF;
+        return;
+    }
+    if crate::ntos::quirks::emulate_debugctl(frame) {
         return;
     }
     let fault_rip = cpu.recovery.fault_rip.load(Ordering::Relaxed);

@@ -60,6 +60,7 @@ extern "C" fn kmain() -> ! {
         "bench" => "bench",
         "serve" => "serve",
         "nt-load" => "nt-load",
+        "nt-driver" => "nt-driver",
         _ => "unknown",
     };
     report::set_scenario(scenario);
@@ -88,6 +89,7 @@ extern "C" fn kmain() -> ! {
         "bench" => scenarios::bench(&p),
         "serve" => control::serve_scenario(&p),
         "nt-load" => ntos::load_scenario(&p),
+        "nt-driver" => ntos::driver::scenario(&p),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())

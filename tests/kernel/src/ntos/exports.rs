@@ -5,14 +5,15 @@
 //! a violation is counted and the first offender named ([`IRQL_VIOLATIONS`], [`first_violation`]).
 //! IRQL is CR8, as on x64 NT.
 //!
-//! Routines whose NT behaviour needs the scheduler this kernel does not have yet (threads,
-//! waits, handles) are [`unimplemented`]: a call ends the run with a `fatal=1` line naming the
-//! routine, never a silent success.
+//! The routines with state live in `routines` and `threads`. A routine (or a case of one) the
+//! miniature NT does not provide yet is [`unimplemented`]: a call ends the run with a `fatal=1`
+//! line naming it, never a silent success.
 //!
 //! **Runs in:** whatever IRQL the image calls at (each routine names its rule).
 
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
+use super::{routines, threads};
 use crate::arch;
 
 /// HIGH_LEVEL: the rule of routines callable at any IRQL.
@@ -51,9 +52,14 @@ fn violation(routine: &'static str) {
     crate::kprintln!("ntos: IRQL violation: {routine} at IRQL {}", arch::cr8());
 }
 
-/// Ends the run naming a routine the miniature NT does not provide yet.
-fn unimplemented(routine: &str) -> ! {
+/// Ends the run naming a routine (or a case of one) the miniature NT does not provide yet.
+pub fn unimplemented(routine: &str) -> ! {
     crate::report::fatal_result(format_args!("unimplemented={routine}"))
+}
+
+/// Ends the run: a wait without a timeout on an object no other thread can signal.
+pub fn unimplemented_deadlock(routine: &str) -> ! {
+    crate::report::fatal_result(format_args!("deadlock={routine}"))
 }
 
 // --- C runtime (ntoskrnl exports them; any IRQL, the memory must be resident) ---
@@ -263,34 +269,7 @@ macro_rules! not_yet {
 }
 
 not_yet! {
-    nt_ex_create_callback => "ExCreateCallback",
-    nt_ex_register_callback => "ExRegisterCallback",
-    nt_ex_unregister_callback => "ExUnregisterCallback",
-    nt_io_create_symbolic_link => "IoCreateSymbolicLink",
-    nt_io_delete_device => "IoDeleteDevice",
-    nt_io_delete_symbolic_link => "IoDeleteSymbolicLink",
-    nt_io_get_current_process => "IoGetCurrentProcess",
     nt_iof_complete_request => "IofCompleteRequest",
-    nt_ke_initialize_event => "KeInitializeEvent",
-    nt_ke_initialize_mutex => "KeInitializeMutex",
-    nt_ke_release_mutex => "KeReleaseMutex",
-    nt_ke_revert_to_user_group_affinity_thread => "KeRevertToUserGroupAffinityThread",
-    nt_ke_set_event => "KeSetEvent",
-    nt_ke_set_system_group_affinity_thread => "KeSetSystemGroupAffinityThread",
-    nt_ke_stack_attach_process => "KeStackAttachProcess",
-    nt_ke_unstack_detach_process => "KeUnstackDetachProcess",
-    nt_ke_wait_for_single_object => "KeWaitForSingleObject",
-    nt_mm_allocate_contiguous_memory_specify_cache => "MmAllocateContiguousMemorySpecifyCache",
-    nt_mm_free_contiguous_memory => "MmFreeContiguousMemory",
-    nt_mm_map_io_space_ex => "MmMapIoSpaceEx",
-    nt_mm_unmap_io_space => "MmUnmapIoSpace",
-    nt_ob_reference_object_by_handle => "ObReferenceObjectByHandle",
-    nt_obf_dereference_object => "ObfDereferenceObject",
-    nt_ps_create_system_thread => "PsCreateSystemThread",
-    nt_ps_terminate_system_thread => "PsTerminateSystemThread",
-    nt_wdmlib_io_create_device_secure => "WdmlibIoCreateDeviceSecure",
-    nt_zw_close => "ZwClose",
-    nt_zw_wait_for_single_object => "ZwWaitForSingleObject",
 }
 
 // --- Data exports: the loader binds the variable's address into the image's slot ---
@@ -298,6 +277,16 @@ not_yet! {
 /// The System process object `PsInitialSystemProcess` points at (opaque to the image: it only
 /// passes it back to KeStackAttachProcess).
 static SYSTEM_PROCESS: [u64; 64] = [0; 64];
+/// The System process object.
+pub fn system_process() -> *mut core::ffi::c_void {
+    core::ptr::addr_of!(SYSTEM_PROCESS).cast_mut().cast()
+}
+
+/// The thread object type (`*PsThreadType`).
+pub fn thread_type() -> *mut core::ffi::c_void {
+    core::ptr::addr_of!(THREAD_TYPE).cast_mut().cast()
+}
+
 /// `PsInitialSystemProcess`: a PEPROCESS variable.
 static PS_INITIAL_SYSTEM_PROCESS: AtomicPtr<[u64; 64]> =
     AtomicPtr::new(core::ptr::addr_of!(SYSTEM_PROCESS).cast_mut());
@@ -324,43 +313,43 @@ macro_rules! exports {
 /// ntoskrnl.exe's exports in this kernel.
 static NTOSKRNL: [Export; 41] = exports! {
     b"DbgPrintEx" => nt_dbg_print_ex as *const (),
-    b"ExCreateCallback" => nt_ex_create_callback as *const (),
-    b"ExRegisterCallback" => nt_ex_register_callback as *const (),
-    b"ExUnregisterCallback" => nt_ex_unregister_callback as *const (),
-    b"IoCreateSymbolicLink" => nt_io_create_symbolic_link as *const (),
-    b"IoDeleteDevice" => nt_io_delete_device as *const (),
-    b"IoDeleteSymbolicLink" => nt_io_delete_symbolic_link as *const (),
-    b"IoGetCurrentProcess" => nt_io_get_current_process as *const (),
+    b"ExCreateCallback" => routines::ex_create_callback as *const (),
+    b"ExRegisterCallback" => routines::ex_register_callback as *const (),
+    b"ExUnregisterCallback" => routines::ex_unregister_callback as *const (),
+    b"IoCreateSymbolicLink" => routines::io_create_symbolic_link as *const (),
+    b"IoDeleteDevice" => routines::io_delete_device as *const (),
+    b"IoDeleteSymbolicLink" => routines::io_delete_symbolic_link as *const (),
+    b"IoGetCurrentProcess" => routines::io_get_current_process as *const (),
     b"IofCompleteRequest" => nt_iof_complete_request as *const (),
     b"KeBugCheckEx" => nt_ke_bug_check_ex as *const (),
     b"KeGetCurrentProcessorNumberEx" => nt_ke_get_current_processor_number_ex as *const (),
     b"KeGetProcessorNumberFromIndex" => nt_ke_get_processor_number_from_index as *const (),
-    b"KeInitializeEvent" => nt_ke_initialize_event as *const (),
-    b"KeInitializeMutex" => nt_ke_initialize_mutex as *const (),
+    b"KeInitializeEvent" => routines::ke_initialize_event as *const (),
+    b"KeInitializeMutex" => routines::ke_initialize_mutex as *const (),
     b"KeLowerIrql" => nt_ke_lower_irql as *const (),
     b"KeQueryActiveProcessorCountEx" => nt_ke_query_active_processor_count_ex as *const (),
-    b"KeReleaseMutex" => nt_ke_release_mutex as *const (),
-    b"KeRevertToUserGroupAffinityThread" => nt_ke_revert_to_user_group_affinity_thread as *const (),
-    b"KeSetEvent" => nt_ke_set_event as *const (),
-    b"KeSetSystemGroupAffinityThread" => nt_ke_set_system_group_affinity_thread as *const (),
-    b"KeStackAttachProcess" => nt_ke_stack_attach_process as *const (),
-    b"KeUnstackDetachProcess" => nt_ke_unstack_detach_process as *const (),
-    b"KeWaitForSingleObject" => nt_ke_wait_for_single_object as *const (),
+    b"KeReleaseMutex" => routines::ke_release_mutex as *const (),
+    b"KeRevertToUserGroupAffinityThread" => routines::ke_revert_to_user_group_affinity_thread as *const (),
+    b"KeSetEvent" => routines::ke_set_event as *const (),
+    b"KeSetSystemGroupAffinityThread" => routines::ke_set_system_group_affinity_thread as *const (),
+    b"KeStackAttachProcess" => routines::ke_stack_attach_process as *const (),
+    b"KeUnstackDetachProcess" => routines::ke_unstack_detach_process as *const (),
+    b"KeWaitForSingleObject" => routines::ke_wait_for_single_object as *const (),
     b"KfRaiseIrql" => nt_kf_raise_irql as *const (),
-    b"MmAllocateContiguousMemorySpecifyCache" => nt_mm_allocate_contiguous_memory_specify_cache as *const (),
-    b"MmFreeContiguousMemory" => nt_mm_free_contiguous_memory as *const (),
+    b"MmAllocateContiguousMemorySpecifyCache" => routines::mm_allocate_contiguous_memory_specify_cache as *const (),
+    b"MmFreeContiguousMemory" => routines::mm_free_contiguous_memory as *const (),
     b"MmGetPhysicalAddress" => nt_mm_get_physical_address as *const (),
-    b"MmMapIoSpaceEx" => nt_mm_map_io_space_ex as *const (),
-    b"MmUnmapIoSpace" => nt_mm_unmap_io_space as *const (),
-    b"ObReferenceObjectByHandle" => nt_ob_reference_object_by_handle as *const (),
-    b"ObfDereferenceObject" => nt_obf_dereference_object as *const (),
-    b"PsCreateSystemThread" => nt_ps_create_system_thread as *const (),
+    b"MmMapIoSpaceEx" => routines::mm_map_io_space_ex as *const (),
+    b"MmUnmapIoSpace" => routines::mm_unmap_io_space as *const (),
+    b"ObReferenceObjectByHandle" => routines::ob_reference_object_by_handle as *const (),
+    b"ObfDereferenceObject" => routines::obf_dereference_object as *const (),
+    b"PsCreateSystemThread" => threads::ps_create_system_thread as *const (),
     b"PsInitialSystemProcess" => core::ptr::addr_of!(PS_INITIAL_SYSTEM_PROCESS),
-    b"PsTerminateSystemThread" => nt_ps_terminate_system_thread as *const (),
+    b"PsTerminateSystemThread" => threads::ps_terminate_system_thread as *const (),
     b"PsThreadType" => core::ptr::addr_of!(PS_THREAD_TYPE),
-    b"WdmlibIoCreateDeviceSecure" => nt_wdmlib_io_create_device_secure as *const (),
-    b"ZwClose" => nt_zw_close as *const (),
-    b"ZwWaitForSingleObject" => nt_zw_wait_for_single_object as *const (),
+    b"WdmlibIoCreateDeviceSecure" => routines::wdmlib_io_create_device_secure as *const (),
+    b"ZwClose" => routines::zw_close as *const (),
+    b"ZwWaitForSingleObject" => routines::zw_wait_for_single_object as *const (),
     b"memcmp" => nt_memcmp as *const (),
     b"memcpy" => nt_memcpy as *const (),
     b"memset" => nt_memset as *const (),

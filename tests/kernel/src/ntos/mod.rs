@@ -9,9 +9,13 @@
 //! **Runs in:** PASSIVE, BSP.
 
 pub mod disk;
+pub mod driver;
 pub mod exports;
 pub mod layout;
 pub mod loader;
+pub mod quirks;
+pub mod routines;
+pub mod threads;
 
 use core::cell::UnsafeCell;
 
@@ -47,9 +51,9 @@ static NO_HEAP: NoHeap = NoHeap;
 static FILE: Buffer<FILE_BYTES> = Buffer(UnsafeCell::new([0; FILE_BYTES]));
 static IMAGE: Buffer<IMAGE_BYTES> = Buffer(UnsafeCell::new([0; IMAGE_BYTES]));
 
-/// Scenario `nt-load`: read the image from the disk, load it, report.
-pub fn load_scenario(_p: &Params) {
-    const NAME: &str = "nt-load";
+/// Reads the image from the disk and loads it; on failure prints `RESULT <name> fatal=1
+/// loaded=0 <what>` and returns None.
+pub fn load_image(name: &str) -> Option<(usize, loader::Loaded)> {
     // SAFETY: the only reference to FILE for the life of this run (see `Buffer`'s Sync).
     let file = unsafe { &mut *FILE.0.get() };
     // SAFETY: the only reference to IMAGE for the life of this run (the image's code, once
@@ -58,15 +62,37 @@ pub fn load_scenario(_p: &Params) {
     let len = match disk::read_image(file) {
         Ok(n) => n,
         Err(e) => {
-            let mut line = Line::new(NAME);
+            let mut line = Line::new(name);
             line.kv("fatal", 1).kv("loaded", 0);
             e.report(&mut line);
             line.print();
-            return;
+            return None;
         }
     };
     match loader::load(&file[..len], image) {
         Ok(l) => {
+            quirks::IMAGE_START.store(l.base, core::sync::atomic::Ordering::Release);
+            quirks::IMAGE_END.store(
+                l.base + l.size as usize,
+                core::sync::atomic::Ordering::Release,
+            );
+            Some((len, l))
+        }
+        Err(e) => {
+            let mut line = Line::new(name);
+            line.kv("fatal", 1).kv("loaded", 0);
+            e.report(&mut line);
+            line.print();
+            None
+        }
+    }
+}
+
+/// Scenario `nt-load`: read the image from the disk, load it, report.
+pub fn load_scenario(_p: &Params) {
+    const NAME: &str = "nt-load";
+    if let Some((len, l)) = load_image(NAME) {
+        {
             Line::new(NAME)
                 .kv("loaded", 1)
                 .kv("file_bytes", len)
@@ -89,12 +115,6 @@ pub fn load_scenario(_p: &Params) {
                 )
                 .kv("first_violation", exports::first_violation())
                 .print();
-        }
-        Err(e) => {
-            let mut line = Line::new(NAME);
-            line.kv("fatal", 1).kv("loaded", 0);
-            e.report(&mut line);
-            line.print();
         }
     }
 }
