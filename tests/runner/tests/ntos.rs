@@ -158,3 +158,68 @@ fn nt_load_skylake() {
 fn nt_load_refusals_haswell() {
     refuses_each_broken_image(MODELS[0]);
 }
+
+/// The `nt-driver` line that has `key`, or a failure.
+fn line_with<'a>(
+    v: &mut Verdict<'_>,
+    run: &'a RunOutput,
+    key: &str,
+) -> Option<&'a ackvisor_runner::ResultLine> {
+    let l = run
+        .lines("nt-driver", None)
+        .find(|l| l.get(key).is_some() && l.get("fatal").is_none());
+    if l.is_none() {
+        v.fail(format!("no RESULT nt-driver line with {key}"));
+    }
+    l
+}
+
+/// DriverEntry, requests as IRPs, a sleep through the power callback, DriverUnload: the image
+/// virtualizes the CPU (CPUID exits counted by its own statistics), and the verifier's books
+/// are clean at the end.
+fn drives_the_real_image(model: &str) {
+    let run = machine(RunSpec::new(model, "nt-driver"));
+    let mut v = Verdict::new(&run);
+    if let Some(l) = line_with(&mut v, &run, "entry_status") {
+        v.eq(l, "loaded", 1)
+            .eq(l, "entry_status", 0)
+            .eq(l, "devices", 1)
+            .eq(l, "links", 1)
+            .eq(l, "callbacks", 1)
+            .eq(l, "threads", 1)
+            .gt(l, "contiguous_pages", 0)
+            .eq(l, "unload_set", 1);
+    }
+    if let Some(l) = line_with(&mut v, &run, "create_status") {
+        v.eq(l, "create_status", 0)
+            .eq(l, "virtualized", 1)
+            .eq(l, "modes_applied", 4)
+            .eq(l, "cpuid_exits", 100)
+            .eq(l, "sleep_notified", 1)
+            .eq(l, "virtualized_asleep", 0)
+            .eq(l, "virtualized_awake", 1)
+            .eq(l, "close_status", 0);
+    }
+    if let Some(l) = line_with(&mut v, &run, "unloaded") {
+        v.eq(l, "unloaded", 1)
+            .eq(l, "leaks", 0)
+            .eq(l, "misuses", 0)
+            .eq(l, "double_completions", 0)
+            .eq(l, "uncompleted", 0)
+            .eq(l, "status_mismatches", 0)
+            .eq(l, "information_overflows", 0)
+            .eq(l, "stray_completions", 0)
+            .eq(l, "irql_violations", 0);
+    }
+    v.finish();
+}
+
+#[test]
+fn nt_driver_haswell() {
+    drives_the_real_image(MODELS[0]);
+}
+
+#[test]
+fn nt_driver_skylake() {
+    drives_the_real_image(MODELS[1]);
+}

@@ -7,7 +7,12 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
 
+use ackvisor_vmm::Mode;
+use ackvisor_vmm::control::Request;
+use ackvisor_vmm::control::wire::{self, Field, SetModeReply, StatsReply, StatusReply};
+
 use super::exports;
+use super::io;
 use super::layout::{DRIVER_OBJECT, UNICODE_STRING};
 use super::routines::BOOKS;
 use crate::params::Params;
@@ -92,6 +97,9 @@ pub fn scenario(_p: &Params) {
         )
         .kv("unload_set", u32::from(unload.is_some()));
     line.print();
+    if status >= 0 {
+        requests(driver);
+    }
     if let Some(unload) = unload {
         // SAFETY: DriverUnload of the image, set by DriverEntry, called once at PASSIVE.
         unsafe { unload(driver) };
@@ -101,9 +109,147 @@ pub fn scenario(_p: &Params) {
         .kv("leaks", BOOKS.leaks())
         .kv("misuses", BOOKS.misuses.load(Ordering::Acquire))
         .kv(
+            "double_completions",
+            io::DOUBLE_COMPLETIONS.load(Ordering::Acquire),
+        )
+        .kv("uncompleted", io::UNCOMPLETED.load(Ordering::Acquire))
+        .kv(
+            "status_mismatches",
+            io::STATUS_MISMATCHES.load(Ordering::Acquire),
+        )
+        .kv(
+            "information_overflows",
+            io::INFORMATION_OVERFLOWS.load(Ordering::Acquire),
+        )
+        .kv(
+            "stray_completions",
+            io::STRAY_COMPLETIONS.load(Ordering::Acquire),
+        )
+        .kv(
+            "debugctl_emulated",
+            super::quirks::DEBUGCTL_EMULATED.load(Ordering::Acquire),
+        )
+        .kv(
             "irql_violations",
             exports::IRQL_VIOLATIONS.load(Ordering::Acquire),
         )
         .kv("first_violation", exports::first_violation())
         .print();
+}
+
+/// Reply buffer for the requests (static: a stats reply is over the 4 KiB a frame may hold).
+struct Out(UnsafeCell<[u8; io::BUFFER_BYTES]>);
+// SAFETY: used by the BSP's scenario only, one request at a time.
+unsafe impl Sync for Out {}
+static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
+
+/// CPUID's basic exit reason: CPUID exits unconditionally in VMX non-root operation, so the
+/// count the stats IOCTL reports for it proves this CPU runs virtualized.
+const EXIT_CPUID: usize = 10;
+/// CPUIDs the probe executes.
+const CPUID_PROBES: u64 = 100;
+
+/// One DEVICE_CONTROL with `request`'s input; the outcome and the reply bytes.
+fn ioctl(
+    driver: *mut DRIVER_OBJECT,
+    request: Request,
+    out_len: usize,
+) -> Option<(io::Outcome, &'static [u8])> {
+    let (input, n) = request.encode();
+    // SAFETY: the only reference to OUT while this request runs (see `Out`).
+    let out = unsafe { &mut *OUT.0.get() };
+    let out = out.get_mut(..out_len)?;
+    let outcome = io::send(
+        driver,
+        io::IRP_MJ_DEVICE_CONTROL,
+        request.code(),
+        &input[..n],
+        out,
+    )?;
+    let reply_len = outcome.information.min(out_len);
+    Some((outcome, &out[..reply_len]))
+}
+
+/// `virtualized_count` of the status IOCTL (`none` when the request failed).
+fn virtualized(driver: *mut DRIVER_OBJECT) -> Count {
+    match ioctl(driver, Request::Status, STATUS_REPLY_BYTES) {
+        Some((o, reply)) if o.status == 0 => StatusReply::decode_prefix(reply)
+            .map_or(Count(None), |(r, _)| Count(Some(r.virtualized_count))),
+        _ => Count(None),
+    }
+}
+
+/// Room for a status reply of up to 64 CPUs.
+const STATUS_REPLY_BYTES: usize = StatusReply::SIZE + 64 * wire::CpuModeEntry::SIZE;
+
+/// A count from a reply, or `none`.
+struct Count(Option<u32>);
+
+impl core::fmt::Display for Count {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+/// CPUID exits in the aggregate statistics, or None when the request failed.
+fn cpuid_exits(driver: *mut DRIVER_OBJECT) -> Option<u64> {
+    let (o, reply) = ioctl(
+        driver,
+        Request::Stats { per_cpu: false },
+        StatsReply::SIZE + wire::CpuStats::SIZE,
+    )?;
+    if o.status != 0 {
+        return None;
+    }
+    let (_, rest) = StatsReply::decode_prefix(reply)?;
+    // CpuStats: cpu (u32), mode (u32), then the exit counts by reason (u64 each).
+    let at = 8 + EXIT_CPUID * 8;
+    let bytes: [u8; 8] = rest.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// CREATE, status, every mode by IOCTL, the CPUID probe through the statistics, CLOSE.
+fn requests(driver: *mut DRIVER_OBJECT) {
+    let mut line = Line::new(NAME);
+    let create = io::send(driver, io::IRP_MJ_CREATE, 0, &[], &mut []);
+    line.kv("create_status", create.map_or(-1, |o| o.status));
+    line.kv("virtualized", virtualized(driver));
+    let mut modes_applied = 0;
+    for mode in [
+        Mode::ExitSti,
+        Mode::AckReplay,
+        Mode::AckInject,
+        Mode::Passthrough,
+    ] {
+        if let Some((o, reply)) = ioctl(driver, Request::SetMode(mode), SetModeReply::SIZE)
+            && o.status == 0
+            && let Some(r) = SetModeReply::decode(reply)
+            && r.mode == mode as u32
+            && r.cpus_applied == crate::percpu::online_count()
+        {
+            modes_applied += 1;
+        }
+    }
+    line.kv("modes_applied", modes_applied);
+    let before = cpuid_exits(driver);
+    for leaf in 0..CPUID_PROBES {
+        let _ = crate::arch::cpuid(leaf as u32 & 1, 0);
+    }
+    let after = cpuid_exits(driver);
+    match (before, after) {
+        (Some(b), Some(a)) => line.kv("cpuid_exits", a.saturating_sub(b)),
+        _ => line.kv("cpuid_exits", "none"),
+    };
+    // A sleep as NT announces it: PO_CB_SYSTEM_STATE_LOCK with 0 before, 1 after the wake.
+    let notified = super::routines::notify_power_state(0);
+    line.kv("sleep_notified", u32::from(notified))
+        .kv("virtualized_asleep", virtualized(driver));
+    super::routines::notify_power_state(1);
+    line.kv("virtualized_awake", virtualized(driver));
+    let close = io::send(driver, io::IRP_MJ_CLOSE, 0, &[], &mut []);
+    line.kv("close_status", close.map_or(-1, |o| o.status));
+    line.print();
 }

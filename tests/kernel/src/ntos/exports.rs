@@ -256,22 +256,6 @@ extern "win64" fn nt_mm_get_physical_address(va: usize) -> u64 {
     va as u64
 }
 
-macro_rules! not_yet {
-    ($($fn_name:ident => $routine:literal),* $(,)?) => {
-        $(
-            #[doc = concat!("`", $routine, "`: needs the scheduler (threads, waits, handles) or the ",
-                "I/O manager's books, which are not built yet; a call ends the run naming it.")]
-            extern "win64" fn $fn_name() -> ! {
-                unimplemented($routine)
-            }
-        )*
-    };
-}
-
-not_yet! {
-    nt_iof_complete_request => "IofCompleteRequest",
-}
-
 // --- Data exports: the loader binds the variable's address into the image's slot ---
 
 /// The System process object `PsInitialSystemProcess` points at (opaque to the image: it only
@@ -320,7 +304,7 @@ static NTOSKRNL: [Export; 41] = exports! {
     b"IoDeleteDevice" => routines::io_delete_device as *const (),
     b"IoDeleteSymbolicLink" => routines::io_delete_symbolic_link as *const (),
     b"IoGetCurrentProcess" => routines::io_get_current_process as *const (),
-    b"IofCompleteRequest" => nt_iof_complete_request as *const (),
+    b"IofCompleteRequest" => super::io::iof_complete_request as *const (),
     b"KeBugCheckEx" => nt_ke_bug_check_ex as *const (),
     b"KeGetCurrentProcessorNumberEx" => nt_ke_get_current_processor_number_ex as *const (),
     b"KeGetProcessorNumberFromIndex" => nt_ke_get_processor_number_from_index as *const (),

@@ -11,6 +11,7 @@
 pub mod disk;
 pub mod driver;
 pub mod exports;
+pub mod io;
 pub mod layout;
 pub mod loader;
 pub mod quirks;

@@ -243,11 +243,6 @@ static DEVICE_SLOT: DeviceSlot = DeviceSlot(core::cell::UnsafeCell::new(
     unsafe { core::mem::zeroed() },
 ));
 
-/// The device the image created, if any.
-pub fn device() -> *mut DeviceObject {
-    DEVICE.load(Ordering::Acquire)
-}
-
 /// `WdmlibIoCreateDeviceSecure(...)` (wdmsec.lib's routine): PASSIVE. Simplified: one device;
 /// no extension (ackvisor asks for none: a size above 0 is refused); the SDDL and class GUID
 /// are accepted unread.
