@@ -126,13 +126,24 @@ pub fn send(
         .copied()
         .flatten()?;
     // SAFETY: DRIVER_DISPATCH and `Dispatch` are the same win64 function type.
-    let routine = unsafe { core::mem::transmute::<_, Dispatch>(routine) };
+    let routine = unsafe {
+        core::mem::transmute::<
+            unsafe extern "system" fn(
+                *const windows_sys::Wdk::Foundation::DEVICE_OBJECT,
+                *mut IRP,
+            ) -> i32,
+            Dispatch,
+        >(routine)
+    };
     // SAFETY: the device the image created (DriverEntry succeeded).
     let device = unsafe { (*driver).DeviceObject }.cast::<DeviceObject>();
     let packet = PACKET.0.get();
     let buffer = SYSTEM_BUFFER.0.get().cast::<u8>();
+    // SAFETY: IRP and IO_STACK_LOCATION are integers, pointers, unions and options: zero is
+    // valid.
+    let zero: Packet = unsafe { core::mem::zeroed() };
     // SAFETY: no request is in flight; the packet and buffer are ours until `routine` runs.
-    unsafe { packet.write(core::mem::zeroed()) };
+    unsafe { packet.write(zero) };
     // SAFETY: `input.len() <= BUFFER_BYTES` (checked through `len`).
     unsafe { core::ptr::copy_nonoverlapping(input.as_ptr(), buffer, input.len()) };
     // SAFETY: as above.
@@ -159,14 +170,12 @@ pub fn send(
             _pad2: 0,
             type3_input_buffer: core::ptr::null_mut(),
         };
+        let at = (&raw mut p.stack)
+            .cast::<u8>()
+            .wrapping_add(PARAMETERS)
+            .cast::<DeviceIoControl>();
         // SAFETY: `Parameters` is a 0x20-byte union at offset 8 (asserted above).
-        unsafe {
-            (&raw mut p.stack)
-                .cast::<u8>()
-                .add(PARAMETERS)
-                .cast::<DeviceIoControl>()
-                .write(params)
-        };
+        unsafe { at.write(params) };
     }
     COMPLETIONS.store(0, Ordering::Release);
     // SAFETY: the image's dispatch routine for `major`, at PASSIVE, with its own device and an

@@ -266,10 +266,10 @@ pub extern "win64" fn wdmlib_io_create_device_secure(
         return STATUS_OBJECT_NAME_COLLISION;
     }
     let d = DEVICE_SLOT.0.get();
+    // SAFETY: DEVICE_OBJECT is integers, pointers and options of fn pointers: zero is valid.
+    let zero: DeviceObject = unsafe { core::mem::zeroed() };
     // SAFETY: no device exists, so nobody else references the slot.
-    unsafe {
-        d.write(core::mem::zeroed());
-    }
+    unsafe { d.write(zero) };
     // SAFETY: as above; the slot is ours until DEVICE is published.
     let dev = unsafe { &mut (*d).0 };
     dev.Type = 3;
@@ -351,7 +351,7 @@ fn unicode_eq(s: *const UNICODE_STRING, ascii: &str) -> bool {
     }
     ascii.bytes().enumerate().all(|(i, b)| {
         // SAFETY: i < Length / 2 code units of the buffer.
-        let c = unsafe { s.Buffer.add(i).read() };
+        let c = unsafe { s.Buffer.wrapping_add(i).read() };
         c == u16::from(b)
     })
 }
@@ -426,8 +426,10 @@ pub extern "win64" fn ke_initialize_event(event: *mut KEVENT, kind: u32, state: 
     if event.is_null() {
         return;
     }
-    // SAFETY: the caller passes a KEVENT; zero is a valid value of it.
-    unsafe { event.write(core::mem::zeroed()) };
+    // SAFETY: KEVENT is integers and list links: zero is valid.
+    let zero: KEVENT = unsafe { core::mem::zeroed() };
+    // SAFETY: the caller passes a KEVENT to initialize.
+    unsafe { event.write(zero) };
     // SAFETY: as above; Type is the header's first byte.
     unsafe { event.cast::<u8>().write(kind as u8) };
     // SAFETY: as above.
@@ -453,8 +455,10 @@ pub extern "win64" fn ke_initialize_mutex(mutex: *mut KMUTEX, _level: u32) {
     if mutex.is_null() {
         return;
     }
-    // SAFETY: the caller passes a KMUTEX; zero is a valid value of it.
-    unsafe { mutex.write(core::mem::zeroed()) };
+    // SAFETY: KMUTEX is integers, pointers and list links: zero is valid.
+    let zero: KMUTEX = unsafe { core::mem::zeroed() };
+    // SAFETY: the caller passes a KMUTEX to initialize.
+    unsafe { mutex.write(zero) };
     // SAFETY: as above.
     unsafe { mutex.cast::<u8>().write(MUTANT) };
     // SAFETY: as above.

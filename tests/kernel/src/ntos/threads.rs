@@ -103,7 +103,8 @@ unsafe extern "C" {
 
 fn slot_of_handle(handle: usize) -> Option<usize> {
     let i = handle.checked_sub(HANDLE_BASE)? / 4;
-    (handle % 4 == 0 && i < SLOTS && THREADS[i].state.load(Ordering::Acquire) != FREE).then_some(i)
+    (handle.is_multiple_of(4) && i < SLOTS && THREADS[i].state.load(Ordering::Acquire) != FREE)
+        .then_some(i)
 }
 
 /// The thread object a handle names.
