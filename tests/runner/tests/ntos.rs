@@ -175,8 +175,9 @@ fn line_with<'a>(
 }
 
 /// DriverEntry, requests as IRPs, a sleep through the power callback, DriverUnload: the image
-/// virtualizes the CPU (CPUID exits counted by its own statistics), and the verifier's books
-/// are clean at the end.
+/// virtualizes the CPU (CPUID exits counted by its own statistics), seven malformed requests
+/// each get their precise NTSTATUS and Information, and the verifier's books are clean at the
+/// end.
 fn drives_the_real_image(model: &str) {
     let run = machine(RunSpec::new(model, "nt-driver"));
     let mut v = Verdict::new(&run);
@@ -198,6 +199,8 @@ fn drives_the_real_image(model: &str) {
             .eq(l, "sleep_notified", 1)
             .eq(l, "virtualized_asleep", 0)
             .eq(l, "virtualized_awake", 1)
+            .eq(l, "malformed_cases", 7)
+            .eq(l, "malformed_precise", 7)
             .eq(l, "close_status", 0);
     }
     if let Some(l) = line_with(&mut v, &run, "unloaded") {

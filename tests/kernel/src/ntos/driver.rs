@@ -194,6 +194,24 @@ impl core::fmt::Display for Count {
     }
 }
 
+/// One DEVICE_CONTROL with raw input and an output of `out_len` bytes (in the static buffer).
+pub fn ioctl_raw(
+    driver: *mut DRIVER_OBJECT,
+    code: u32,
+    input: &[u8],
+    out_len: usize,
+) -> Option<io::Outcome> {
+    // SAFETY: the only reference to OUT while this request runs (see `Out`).
+    let out = unsafe { &mut *OUT.0.get() };
+    io::send(
+        driver,
+        io::IRP_MJ_DEVICE_CONTROL,
+        code,
+        input,
+        out.get_mut(..out_len)?,
+    )
+}
+
 /// CPUID exits in the aggregate statistics, or None when the request failed.
 fn cpuid_exits(driver: *mut DRIVER_OBJECT) -> Option<u64> {
     let (o, reply) = ioctl(
@@ -249,6 +267,7 @@ fn requests(driver: *mut DRIVER_OBJECT) {
         .kv("virtualized_asleep", virtualized(driver));
     super::routines::notify_power_state(1);
     line.kv("virtualized_awake", virtualized(driver));
+    super::malformed::sweep(driver, &mut line);
     let close = io::send(driver, io::IRP_MJ_CLOSE, 0, &[], &mut []);
     line.kv("close_status", close.map_or(-1, |o| o.status));
     line.print();

@@ -14,6 +14,7 @@ pub mod exports;
 pub mod io;
 pub mod layout;
 pub mod loader;
+pub mod malformed;
 pub mod quirks;
 pub mod routines;
 pub mod threads;
