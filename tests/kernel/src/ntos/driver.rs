@@ -47,7 +47,7 @@ static REGISTRY_PATH_UTF16: [u16; REGISTRY_PATH.len()] = {
 type DriverEntry = extern "win64" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) -> i32;
 
 /// The scenario.
-pub fn scenario(_p: &Params) {
+pub fn scenario(p: &Params) {
     let Some((_, image)) = super::load_image(NAME) else {
         return;
     };
@@ -98,7 +98,7 @@ pub fn scenario(_p: &Params) {
         .kv("unload_set", u32::from(unload.is_some()));
     line.print();
     if status >= 0 {
-        requests(driver);
+        requests(driver, p);
     }
     if let Some(unload) = unload {
         // SAFETY: DriverUnload of the image, set by DriverEntry, called once at PASSIVE.
@@ -146,6 +146,8 @@ static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
 /// CPUID's basic exit reason: CPUID exits unconditionally in VMX non-root operation, so the
 /// count the stats IOCTL reports for it proves this CPU runs virtualized.
 const EXIT_CPUID: usize = 10;
+/// The external-interrupt exit reason.
+const EXIT_EXTERNAL_INTERRUPT: usize = 1;
 /// CPUIDs the probe executes.
 const CPUID_PROBES: u64 = 100;
 
@@ -194,6 +196,34 @@ impl core::fmt::Display for Count {
     }
 }
 
+/// The test machine's workload (clock, self-IPIs, nesting) in `mode` of the image's hypervisor;
+/// one line of the machine's own books.
+fn workload_in(driver: *mut DRIVER_OBJECT, mode: Mode, p: &Params) {
+    let reset = ioctl(driver, Request::ResetStats, wire::ResetStatsReply::SIZE);
+    let cpu = crate::percpu::this_cpu();
+    cpu.counts.reset();
+    let drained = crate::workload::run(crate::workload::Shape {
+        rounds: p.rounds,
+        clock_period: p.clock_period,
+        stretch: p.stretch,
+        team: 1,
+        cross: false,
+    });
+    let t = crate::workload::Tally::of(cpu, None, drained);
+    let mut line = Line::new(NAME);
+    line.kv("mode", mode.name())
+        .kv(
+            "stats_reset",
+            u32::from(reset.is_some_and(|(o, _)| o.status == 0)),
+        )
+        .kv(
+            "extint_exits",
+            Count(exits(driver, EXIT_EXTERNAL_INTERRUPT).and_then(|n| u32::try_from(n).ok())),
+        );
+    t.write(&mut line);
+    line.print();
+}
+
 /// One DEVICE_CONTROL with raw input and an output of `out_len` bytes (in the static buffer).
 pub fn ioctl_raw(
     driver: *mut DRIVER_OBJECT,
@@ -214,6 +244,11 @@ pub fn ioctl_raw(
 
 /// CPUID exits in the aggregate statistics, or None when the request failed.
 fn cpuid_exits(driver: *mut DRIVER_OBJECT) -> Option<u64> {
+    exits(driver, EXIT_CPUID)
+}
+
+/// Exits of basic reason `reason` in the aggregate statistics, or None when the request failed.
+fn exits(driver: *mut DRIVER_OBJECT, reason: usize) -> Option<u64> {
     let (o, reply) = ioctl(
         driver,
         Request::Stats { per_cpu: false },
@@ -224,13 +259,13 @@ fn cpuid_exits(driver: *mut DRIVER_OBJECT) -> Option<u64> {
     }
     let (_, rest) = StatsReply::decode_prefix(reply)?;
     // CpuStats: cpu (u32), mode (u32), then the exit counts by reason (u64 each).
-    let at = 8 + EXIT_CPUID * 8;
+    let at = 8 + reason * 8;
     let bytes: [u8; 8] = rest.get(at..at + 8)?.try_into().ok()?;
     Some(u64::from_le_bytes(bytes))
 }
 
 /// CREATE, status, every mode by IOCTL, the CPUID probe through the statistics, CLOSE.
-fn requests(driver: *mut DRIVER_OBJECT) {
+fn requests(driver: *mut DRIVER_OBJECT, p: &Params) {
     let mut line = Line::new(NAME);
     let create = io::send(driver, io::IRP_MJ_CREATE, 0, &[], &mut []);
     line.kv("create_status", create.map_or(-1, |o| o.status));
@@ -250,6 +285,7 @@ fn requests(driver: *mut DRIVER_OBJECT) {
         {
             modes_applied += 1;
         }
+        workload_in(driver, mode, p);
     }
     line.kv("modes_applied", modes_applied);
     let before = cpuid_exits(driver);
