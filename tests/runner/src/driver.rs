@@ -5,6 +5,9 @@
 //! process. [`attach`] writes it at sector [`BLOB_LBA`] behind a one-sector header (`ACKSYS01`,
 //! length as u64 LE) that the kernel's `ntos::disk` reads back over ATA PIO.
 //!
+//! The `fault` param (`Routine:k`) goes into the header: the kernel's `ntos::fault` makes that
+//! routine fail on its k-th call.
+//!
 //! The `image` param picks a deliberately broken copy, so the loader's refusals are tested on
 //! the real file: `truncated` (the file cut in half), `unknown-import` (`KeBugCheckEx` renamed
 //! `KeBugCheckXx` in the import names), `bad-reloc` (the first base relocation's type made
@@ -23,6 +26,9 @@ use crate::RunSpec;
 pub const BLOB_LBA: usize = 2048;
 const SECTOR: usize = 512;
 const BLOB_MAGIC: &[u8; 8] = b"ACKSYS01";
+/// Where the header keeps the refusal to inject (the kernel's `ntos::disk`).
+const FAULT_OFFSET: usize = 16;
+const FAULT_BYTES: usize = 64;
 /// The relocation type `bad-reloc` writes: `IMAGE_REL_BASED_ARM_MOV32`, not an x64 type.
 pub const BAD_RELOC_TYPE: u16 = 5;
 
@@ -108,6 +114,16 @@ pub fn attach(spec: &RunSpec, disk: &mut [u8]) -> Result<(), String> {
     disk[start..start + SECTOR].fill(0);
     disk[start..start + 8].copy_from_slice(BLOB_MAGIC);
     disk[start + 8..start + 16].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    let fault = spec
+        .params
+        .iter()
+        .find(|(k, _)| k == "fault")
+        .map_or("", |(_, v)| v.as_str());
+    if fault.len() > FAULT_BYTES {
+        return Err(format!("fault {fault} longer than {FAULT_BYTES} bytes"));
+    }
+    disk[start + FAULT_OFFSET..start + FAULT_OFFSET + fault.len()]
+        .copy_from_slice(fault.as_bytes());
     disk[start + SECTOR..end].copy_from_slice(&bytes);
     Ok(())
 }

@@ -189,7 +189,10 @@ fn drives_the_real_image(model: &str) {
             .eq(l, "callbacks", 1)
             .eq(l, "threads", 1)
             .gt(l, "contiguous_pages", 0)
-            .eq(l, "unload_set", 1);
+            .eq(l, "unload_set", 1)
+            .eq(l, "virtualized_by_cpuid", 1)
+            .eq(l, "refusal_lines", 0)
+            .eq(l, "injected", 0);
     }
     if let Some(l) = line_with(&mut v, &run, "create_status") {
         v.eq(l, "create_status", 0)
@@ -229,6 +232,7 @@ fn drives_the_real_image(model: &str) {
     }
     if let Some(l) = line_with(&mut v, &run, "unloaded") {
         v.eq(l, "unloaded", 1)
+            .eq(l, "virtualized_after", 0)
             .eq(l, "leaks", 0)
             .eq(l, "misuses", 0)
             .eq(l, "double_completions", 0)
@@ -249,4 +253,68 @@ fn nt_driver_haswell() {
 #[test]
 fn nt_driver_skylake() {
     drives_the_real_image(MODELS[1]);
+}
+
+/// The routines `ntos::fault` can make fail.
+const REFUSABLE: [&str; 6] = [
+    "MmAllocateContiguousMemorySpecifyCache",
+    "MmMapIoSpaceEx",
+    "WdmlibIoCreateDeviceSecure",
+    "IoCreateSymbolicLink",
+    "PsCreateSystemThread",
+    "ExCreateCallback",
+];
+/// STATUS_INSUFFICIENT_RESOURCES: what each injected failure returns, and what DriverEntry
+/// returns for each (its own status for a null from the Mm routines, the routine's otherwise).
+const STATUS_INSUFFICIENT_RESOURCES: u64 = 0xC000_009A;
+
+/// Every injectable routine fails on each of its calls in turn (the call counts come from a
+/// clean run): DriverEntry refuses with the status, prints its refusal line, leaves the CPU
+/// unvirtualized (CPUID costs what it costs natively) and nothing in the books.
+fn every_refusal_is_clean(model: &str) {
+    let clean = machine(RunSpec::new(model, "nt-driver"));
+    let calls: Vec<(&str, u64)> = {
+        let l = clean
+            .lines("nt-driver", None)
+            .find(|l| l.get("entry_status").is_some())
+            .expect("the clean run has its DriverEntry line");
+        REFUSABLE
+            .iter()
+            .map(|r| (*r, l.num(&format!("calls_{r}")).unwrap_or(0)))
+            .collect()
+    };
+    let mut refusals = 0;
+    for (routine, n) in calls {
+        assert!(n > 0, "model {model}: DriverEntry never calls {routine}");
+        for k in 1..=n {
+            let run =
+                machine(RunSpec::new(model, "nt-driver").param("fault", format!("{routine}:{k}")));
+            let mut v = Verdict::new(&run);
+            if let Some(l) = line_with(&mut v, &run, "entry_status") {
+                v.eq(l, "injected", 1)
+                    .eq(l, "loaded", 0)
+                    .eq(l, "entry_status", STATUS_INSUFFICIENT_RESOURCES)
+                    .eq(l, "refusal_lines", 1)
+                    .eq(l, "virtualized_by_cpuid", 0)
+                    .eq(l, "unload_set", 0);
+            }
+            if let Some(l) = line_with(&mut v, &run, "unloaded") {
+                v.eq(l, "leaks", 0)
+                    .eq(l, "misuses", 0)
+                    .eq(l, "virtualized_after", 0)
+                    .eq(l, "irql_violations", 0);
+            }
+            v.finish();
+            refusals += 1;
+        }
+    }
+    assert!(
+        refusals >= REFUSABLE.len(),
+        "model {model}: {refusals} refusals"
+    );
+}
+
+#[test]
+fn nt_refusals_haswell() {
+    every_refusal_is_clean(MODELS[0]);
 }

@@ -2,8 +2,8 @@
 //! mode (LBA28, polled, no interrupts), which Bochs emulates for the boot disk.
 //!
 //! Disk layout (the runner's `driver` module writes it): sector [`BLOB_LBA`] holds a header,
-//! `ACKSYS01` then the image length as a little-endian u64; the image follows from the next
-//! sector on.
+//! `ACKSYS01`, the image length as a little-endian u64, then the refusal to inject as text
+//! (`Routine:k`, NUL-padded, empty for none); the image follows from the next sector on.
 //!
 //! **Runs in:** PASSIVE, BSP, before anything is virtualized.
 
@@ -94,13 +94,19 @@ fn read_sector(lba: u32, out: &mut [u8; SECTOR]) -> Result<(), DiskError> {
     Ok(())
 }
 
-/// Reads the image into `buf` and returns its length.
-pub fn read_image(buf: &mut [u8]) -> Result<usize, DiskError> {
+/// Where the header keeps the refusal to inject (`Routine:k`, NUL-padded; see `fault`).
+const FAULT_OFFSET: usize = 16;
+/// Its room.
+pub const FAULT_BYTES: usize = 64;
+
+/// Reads the image into `buf` and returns its length; `fault` receives the header's fault text.
+pub fn read_image(buf: &mut [u8], fault: &mut [u8; FAULT_BYTES]) -> Result<usize, DiskError> {
     let mut sector = [0u8; SECTOR];
     read_sector(BLOB_LBA, &mut sector)?;
     if &sector[..8] != BLOB_MAGIC {
         return Err(DiskError::NoImage);
     }
+    fault.copy_from_slice(&sector[FAULT_OFFSET..FAULT_OFFSET + FAULT_BYTES]);
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&sector[8..16]);
     let len = u64::from_le_bytes(len_bytes);

@@ -81,11 +81,24 @@ pub fn scenario(p: &Params) {
         image.base,
         image.base + image.size as usize
     );
+    let native_ticks = cpuid_ticks();
     let status = entry(driver, &path);
+    let entry_ticks = cpuid_ticks();
     // SAFETY: DriverEntry has returned; the object is read on this CPU only.
     let unload = unsafe { (*driver).DriverUnload };
     let mut line = Line::new(NAME);
     line.kv("loaded", u32::from(status >= 0))
+        .kv("cpuid_ticks_native", native_ticks)
+        .kv("cpuid_ticks_loaded", entry_ticks)
+        .kv(
+            "virtualized_by_cpuid",
+            u32::from(virtualized_by_cpuid(native_ticks, entry_ticks)),
+        )
+        .kv(
+            "refusal_lines",
+            exports::REFUSAL_LINES.load(Ordering::Acquire),
+        )
+        .kv("injected", super::fault::INJECTED.load(Ordering::Acquire))
         .kv("entry_status", format_args!("{:#010x}", status as u32))
         .kv("devices", BOOKS.devices.load(Ordering::Acquire))
         .kv("links", BOOKS.links.load(Ordering::Acquire))
@@ -96,6 +109,7 @@ pub fn scenario(p: &Params) {
             BOOKS.contiguous_pages.load(Ordering::Acquire),
         )
         .kv("unload_set", u32::from(unload.is_some()));
+    super::fault::report_calls(&mut line);
     line.print();
     if status >= 0 {
         requests(driver, p);
@@ -104,8 +118,14 @@ pub fn scenario(p: &Params) {
         // SAFETY: DriverUnload of the image, set by DriverEntry, called once at PASSIVE.
         unsafe { unload(driver) };
     }
+    let after_ticks = cpuid_ticks();
     Line::new(NAME)
         .kv("unloaded", u32::from(unload.is_some()))
+        .kv("cpuid_ticks_after", after_ticks)
+        .kv(
+            "virtualized_after",
+            u32::from(virtualized_by_cpuid(native_ticks, after_ticks)),
+        )
         .kv("leaks", BOOKS.leaks())
         .kv("misuses", BOOKS.misuses.load(Ordering::Acquire))
         .kv(
@@ -146,6 +166,31 @@ static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
 /// CPUID's basic exit reason: CPUID exits unconditionally in VMX non-root operation, so the
 /// count the stats IOCTL reports for it proves this CPU runs virtualized.
 const EXIT_CPUID: usize = 10;
+/// A virtualized CPU takes a VM exit on every CPUID: hundreds of instructions of the image's root
+/// code each, where natively it is one. More than this factor over the native figure means
+/// virtualized.
+const VIRTUALIZED_FACTOR: u64 = 4;
+
+/// TSC ticks (Bochs: instructions) of [`CPUID_PROBES`] CPUIDs, interrupts off.
+fn cpuid_ticks() -> u64 {
+    let flags = crate::arch::rflags();
+    crate::arch::cli();
+    let start = crate::arch::rdtsc();
+    for leaf in 0..CPUID_PROBES {
+        let _ = crate::arch::cpuid(leaf as u32 & 1, 0);
+    }
+    let ticks = crate::arch::rdtsc() - start;
+    if flags & (1 << 9) != 0 {
+        // SAFETY: interrupts were on before the probe; the IDT and LAPIC are ready.
+        unsafe { crate::arch::sti() };
+    }
+    ticks
+}
+
+fn virtualized_by_cpuid(native: u64, now: u64) -> bool {
+    now > native.saturating_mul(VIRTUALIZED_FACTOR)
+}
+
 /// The external-interrupt exit reason.
 const EXIT_EXTERNAL_INTERRUPT: usize = 1;
 /// CPUIDs the probe executes.

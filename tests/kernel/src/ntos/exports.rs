@@ -121,8 +121,17 @@ extern "win64" fn nt_dbg_print_ex(
         }
     }
     crate::kprint!("ntos: dbg: {}", out.as_str());
+    if out.as_str().contains(REFUSAL) {
+        REFUSAL_LINES.fetch_add(1, Ordering::AcqRel);
+    }
     0
 }
+
+/// What ackvisor's DbgPrintEx line says when DriverEntry refuses (README: "Why ackvisor refused
+/// to load").
+const REFUSAL: &str = "refusing to load";
+/// DbgPrintEx lines that said [`REFUSAL`].
+pub static REFUSAL_LINES: AtomicU32 = AtomicU32::new(0);
 
 /// One DbgPrintEx line (NT takes at most 512 bytes per call; longer text is cut).
 struct Text {

@@ -11,6 +11,7 @@
 pub mod disk;
 pub mod driver;
 pub mod exports;
+pub mod fault;
 pub mod io;
 pub mod layout;
 pub mod loader;
@@ -61,7 +62,8 @@ pub fn load_image(name: &str) -> Option<(usize, loader::Loaded)> {
     // SAFETY: the only reference to IMAGE for the life of this run (the image's code, once
     // called, reaches its own bytes through the addresses the loader wrote, not this borrow).
     let image = unsafe { &mut *IMAGE.0.get() };
-    let len = match disk::read_image(file) {
+    let mut fault_text = [0u8; disk::FAULT_BYTES];
+    let len = match disk::read_image(file, &mut fault_text) {
         Ok(n) => n,
         Err(e) => {
             let mut line = Line::new(name);
@@ -71,6 +73,7 @@ pub fn load_image(name: &str) -> Option<(usize, loader::Loaded)> {
             return None;
         }
     };
+    fault::arm(&fault_text);
     match loader::load(&file[..len], image) {
         Ok(l) => {
             quirks::IMAGE_START.store(l.base, core::sync::atomic::Ordering::Release);

@@ -36,6 +36,8 @@ const STATUS_INVALID_PARAMETER: i32 = 0xC000_000D_u32 as i32;
 const STATUS_OBJECT_NAME_NOT_FOUND: i32 = 0xC000_0034_u32 as i32;
 const STATUS_OBJECT_NAME_COLLISION: i32 = 0xC000_0035_u32 as i32;
 const STATUS_OBJECT_TYPE_MISMATCH: i32 = 0xC000_0024_u32 as i32;
+/// What an injected refusal returns (see `fault`).
+pub const STATUS_INSUFFICIENT_RESOURCES: i32 = 0xC000_009A_u32 as i32;
 
 const PAGE: usize = 4096;
 
@@ -120,6 +122,9 @@ pub extern "win64" fn mm_allocate_contiguous_memory_specify_cache(
     _cache: u32,
 ) -> *mut c_void {
     irql_check("MmAllocateContiguousMemorySpecifyCache", DISPATCH);
+    if super::fault::fails("MmAllocateContiguousMemorySpecifyCache") {
+        return null_mut();
+    }
     let pages = bytes.div_ceil(PAGE);
     let Some(slot) = ALLOCATIONS
         .iter()
@@ -159,6 +164,9 @@ pub extern "win64" fn mm_free_contiguous_memory(base: *mut c_void) {
 /// maps the low 4 GiB one to one (the LAPIC's top GiB uncached), so the address maps to itself.
 pub extern "win64" fn mm_map_io_space_ex(pa: u64, bytes: usize, _protect: u32) -> *mut c_void {
     irql_check("MmMapIoSpaceEx", DISPATCH);
+    if super::fault::fails("MmMapIoSpaceEx") {
+        return null_mut();
+    }
     if bytes == 0 || pa >= 1 << 32 {
         return null_mut();
     }
@@ -259,6 +267,9 @@ pub extern "win64" fn wdmlib_io_create_device_secure(
     out: *mut *mut DeviceObject,
 ) -> i32 {
     irql_check("WdmlibIoCreateDeviceSecure", PASSIVE);
+    if super::fault::fails("WdmlibIoCreateDeviceSecure") {
+        return STATUS_INSUFFICIENT_RESOURCES;
+    }
     if out.is_null() || driver.is_null() || extension_size != 0 {
         return STATUS_INVALID_PARAMETER;
     }
@@ -312,6 +323,9 @@ pub extern "win64" fn io_create_symbolic_link(
     target: *const UNICODE_STRING,
 ) -> i32 {
     irql_check("IoCreateSymbolicLink", PASSIVE);
+    if super::fault::fails("IoCreateSymbolicLink") {
+        return STATUS_INSUFFICIENT_RESOURCES;
+    }
     if link.is_null() || target.is_null() {
         return STATUS_INVALID_PARAMETER;
     }
@@ -365,6 +379,9 @@ pub extern "win64" fn ex_create_callback(
     _allow_multiple: u8,
 ) -> i32 {
     irql_check("ExCreateCallback", PASSIVE);
+    if super::fault::fails("ExCreateCallback") {
+        return STATUS_INSUFFICIENT_RESOURCES;
+    }
     if out.is_null() || attributes.is_null() {
         return STATUS_INVALID_PARAMETER;
     }

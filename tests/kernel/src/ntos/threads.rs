@@ -124,6 +124,9 @@ pub extern "win64" fn ps_create_system_thread(
     context: usize,
 ) -> i32 {
     irql_check("PsCreateSystemThread", 0);
+    if super::fault::fails("PsCreateSystemThread") {
+        return STATUS_INSUFFICIENT_RESOURCES;
+    }
     if handle.is_null() || start == 0 {
         return STATUS_INVALID_PARAMETER;
     }
