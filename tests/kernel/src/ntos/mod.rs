@@ -3,8 +3,14 @@
 //! its imports to this kernel's exports (`exports`), whose objects use NT's x64 layouts
 //! (`layout`).
 //!
+//! The routines with state are in `routines` (memory, devices, callbacks, dispatcher objects,
+//! handles, the verifier's books), `threads` (system threads without a scheduler) and `io`
+//! (IRPs and their completion); `fault` makes a routine fail on demand, `quirks` completes what
+//! Bochs lacks.
+//!
 //! Scenario `nt-load` loads the image and reports what the load did; a broken image gets a
-//! `fatal=1` line naming the fault.
+//! `fatal=1` line naming the fault. Scenario `nt-driver` (`driver`) takes the image through
+//! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload.
 //!
 //! **Runs in:** PASSIVE, BSP.
 
@@ -97,29 +103,27 @@ pub fn load_image(name: &str) -> Option<(usize, loader::Loaded)> {
 pub fn load_scenario(_p: &Params) {
     const NAME: &str = "nt-load";
     if let Some((len, l)) = load_image(NAME) {
-        {
-            Line::new(NAME)
-                .kv("loaded", 1)
-                .kv("file_bytes", len)
-                .kv("size", l.size)
-                .kv("base", format_args!("{:#x}", l.base))
-                .kv("entry_rva", format_args!("{:#x}", l.entry - l.base))
-                .kv("sections", l.sections)
-                .kv("relocations", l.relocations)
-                .kv("relocations_inside", l.relocations_inside)
-                .kv("imports", l.imports)
-                .kv("bound", l.bound)
-                .kv(
-                    "bound_names_hash",
-                    format_args!("{:#x}", l.bound_names_hash),
-                )
-                .kv("exports", exports::count())
-                .kv(
-                    "irql_violations",
-                    exports::IRQL_VIOLATIONS.load(core::sync::atomic::Ordering::Acquire),
-                )
-                .kv("first_violation", exports::first_violation())
-                .print();
-        }
+        Line::new(NAME)
+            .kv("loaded", 1)
+            .kv("file_bytes", len)
+            .kv("size", l.size)
+            .kv("base", format_args!("{:#x}", l.base))
+            .kv("entry_rva", format_args!("{:#x}", l.entry - l.base))
+            .kv("sections", l.sections)
+            .kv("relocations", l.relocations)
+            .kv("relocations_inside", l.relocations_inside)
+            .kv("imports", l.imports)
+            .kv("bound", l.bound)
+            .kv(
+                "bound_names_hash",
+                format_args!("{:#x}", l.bound_names_hash),
+            )
+            .kv("exports", exports::count())
+            .kv(
+                "irql_violations",
+                exports::IRQL_VIOLATIONS.load(core::sync::atomic::Ordering::Acquire),
+            )
+            .kv("first_violation", exports::first_violation())
+            .print();
     }
 }
