@@ -6,6 +6,7 @@
 use crate::hypervisor::Features;
 use crate::intr::Mode;
 use crate::intr::pending::PendingSet;
+use crate::intr::vector_policy::SharedPolicy;
 use crate::log_ring::LogRing;
 use crate::platform::{CpuIndex, FatalState, Platform};
 use crate::stats::Stats;
@@ -79,6 +80,8 @@ pub struct CpuData {
     pub applied_mode: AtomicU32,
     /// Counters.
     pub stats: Stats,
+    /// Per-vector delivery policy: read by root at each decision, written at PASSIVE.
+    pub policy: SharedPolicy,
     /// Root-mode log records.
     pub log: LogRing,
     /// Root-only state.

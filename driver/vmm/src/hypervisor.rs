@@ -11,6 +11,7 @@ use crate::exit::stub::{self, LaunchResult};
 use crate::exit::{ExitAction, ExitCtx};
 use crate::intr::Mode;
 use crate::intr::pending::PendingSet;
+use crate::intr::vector_policy::{PolicyTable, VectorPolicy};
 use crate::platform::{CpuIndex, Platform};
 use crate::stats::Snapshot;
 use crate::vmx::{self, VmxError, caps, vmcs::CR4_VMXE};
@@ -232,6 +233,7 @@ pub fn virtualize_current_cpu(
     };
     // SAFETY: nobody else can see this CPU's block yet.
     unsafe { this.data.root.get().write(root) };
+    this.data.policy.store_all(&platform.delivery_policy());
     // SAFETY: both regions are ours and 4 KiB; the revision id goes in the first 31 bits.
     unsafe {
         core::ptr::addr_of!(this.vmxon)
@@ -481,6 +483,25 @@ pub fn cpu_state(cpu: CpuIndex) -> Option<CpuState> {
         mode: p.applied_mode(),
         stats: p.data.stats.snapshot(),
     })
+}
+
+/// Sets vector `v`'s delivery policy on every virtualized CPU; returns how many CPUs now have it.
+/// Each CPU's root mode reads its own table at its next decision, so no broadcast is needed.
+/// Vectors below [`FIRST_POLICY_VECTOR`](crate::intr::vector_policy::FIRST_POLICY_VECTOR) take
+/// no policy and are left as they are (the control protocol refuses them first).
+pub fn set_policy_all(v: crate::intr::policy::Vector, p: VectorPolicy) -> u32 {
+    let mut applied = 0u32;
+    for i in 0..CPUS.len() {
+        if with_cpu(CpuIndex(i as u32), |c| c.data.policy.set(v, p)).is_some() {
+            applied = applied.wrapping_add(1);
+        }
+    }
+    applied
+}
+
+/// One CPU's delivery policy table, `None` when it is not virtualized.
+pub fn policy(cpu: CpuIndex) -> Option<PolicyTable> {
+    with_cpu(cpu, |p| p.data.policy.snapshot())
 }
 
 /// Takes the root-mode log records of one CPU, oldest first.

@@ -146,4 +146,10 @@ pub trait Platform: Sync {
     fn lower_irql(&self, to: u8) {
         crate::arch::regs::lower_cr8(to)
     }
+    /// The per-vector delivery policy every CPU starts with (issue 8): the platform names the
+    /// vectors that must reach the OS at their true IRQL (NT: clock and profile, `auto`).
+    /// Called at PASSIVE on each CPU as it is virtualized. The default replays every vector.
+    fn delivery_policy(&self) -> crate::intr::vector_policy::PolicyTable {
+        crate::intr::vector_policy::PolicyTable::ALL_REPLAY
+    }
 }

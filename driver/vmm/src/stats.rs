@@ -25,7 +25,9 @@ pub enum Anomaly {
     UnexpectedIntrType = 1,
     /// This CPU's IDT gate failed validation; the vector was injected instead.
     RejectedGate = 2,
-    /// The pending set already held the vector (a second acknowledge before delivery).
+    /// A vector was acknowledged again while an earlier acknowledge of it still waited (the
+    /// guest's EOI cleared its ISR bit and the line was re-sent, issue 8): both are delivered.
+    /// Log detail = vector, with `intr::SATURATED_DETAIL` if the set could hold no more.
     DuplicatePending = 3,
     /// A VMCALL that was not ours (wrong key or not CPL 0), answered with #UD or forwarded.
     ForeignVmcall = 4,

@@ -7,6 +7,7 @@ mod mode;
 pub mod pending;
 pub mod policy;
 pub mod replay;
+pub mod vector_policy;
 
 pub use mode::Mode;
 
@@ -20,6 +21,9 @@ use x86::vmx::vmcs::{control::ExitControls, guest, ro};
 
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
+/// Log detail flag of a [`Anomaly::DuplicatePending`] whose acknowledge did not fit the pending
+/// set (`pending::MAX_ACKS_PER_VECTOR` already waiting): that one is lost.
+pub const SATURATED_DETAIL: u64 = 1 << 63;
 
 /// Reads what [`policy::decide`] needs.
 #[inline(always)]
@@ -59,22 +63,30 @@ pub fn on_external_interrupt(ctx: &mut ExitCtx<'_>) {
     ctx.cpu.data.stats.extint(v.0);
     let g = guest_view(ctx);
     if ctx.root.pending.is_empty() {
-        match policy::decide(ctx.root.mode, v, &g) {
+        match policy::decide(ctx.root.mode, v, &g, &ctx.cpu.data.policy) {
             Delivery::Replay => {
                 replay_or_inject(ctx, v, &g);
             }
             Delivery::Inject => inject(ctx, v, &g),
             Delivery::Defer(wait) => {
-                ctx.root.pending.insert(v);
+                // The set is empty, so this first acknowledge always fits.
+                let _ = ctx.root.pending.insert(v);
                 ctx.cpu.data.stats.deferral();
                 let (window, cr8) = (wait == Wait::Window, wait == Wait::Priority);
                 inject::set_waits(ctx.vmcs, ctx.root, window, cr8);
             }
         }
     } else {
-        // Older vectors wait: join them so delivery stays in priority order.
-        if !ctx.root.pending.insert(v) {
-            ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0));
+        // Older vectors wait: join them so delivery stays in priority order. The same vector
+        // may already wait: the guest's EOI cleared its ISR bit (it was the highest) and the
+        // line was sent again. Each acknowledge is delivered once, so each gets its EOI
+        // (`pending` module docs); the re-acknowledge is counted.
+        match ctx.root.pending.insert(v) {
+            Ok(1) => {}
+            Ok(_) => ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0)),
+            Err(pending::Saturated) => {
+                ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0) | SATURATED_DETAIL);
+            }
         }
         deliver_pending(ctx, &g);
         if ctx.root.pending.contains(v) {
@@ -95,7 +107,7 @@ fn deliver_pending(ctx: &mut ExitCtx<'_>, g: &GuestView) {
     let mut wait = None;
     let mut injected = false;
     while let Some(v) = ctx.root.pending.highest() {
-        match policy::decide(ctx.root.mode, v, g) {
+        match policy::decide(ctx.root.mode, v, g, &ctx.cpu.data.policy) {
             Delivery::Replay => {
                 ctx.root.pending.remove(v);
                 injected = replay_or_inject(ctx, v, g);
@@ -200,7 +212,7 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
     let g = guest_view(ctx);
     let apic = ctx.root.platform.map(|p| p.apic());
     let highest = apic.and_then(crate::arch::apic::highest_irr).map(Vector);
-    match policy::sti_window(highest, &g) {
+    match policy::sti_window(highest, &g, &ctx.cpu.data.policy) {
         StiWindow::Open => {
             ctx.cpu.data.stats.sti_window();
             // DESIGN §4: NT's epilogue must not find an IRQL below DISPATCH, and a class ≤ 2
