@@ -49,7 +49,8 @@ impl Mock {
                 ..Features::default()
             }),
             policies: RefCell::new(vec![
-                PolicyTable::ALL_REPLAY.with(&[0xd1], VectorPolicy::Auto);
+                PolicyTable::ALL_REPLAY
+                    .with(&[0xd1], VectorPolicy::Auto);
                 modes.len()
             ]),
             mutations: Cell::new(0),
@@ -104,7 +105,12 @@ impl ControlTarget for Mock {
     fn set_policy_all(&self, v: crate::intr::policy::Vector, p: VectorPolicy) -> u32 {
         self.mutations.set(self.mutations.get() + 1);
         let mut applied = 0;
-        for (table, mode) in self.policies.borrow_mut().iter_mut().zip(self.modes.borrow().iter()) {
+        for (table, mode) in self
+            .policies
+            .borrow_mut()
+            .iter_mut()
+            .zip(self.modes.borrow().iter())
+        {
             if mode.is_some() {
                 table.set(v, p);
                 applied += 1;
@@ -462,7 +468,11 @@ fn policy_reports_every_vector_of_the_virtualized_cpus() {
     assert_eq!(r.header.size as usize, PolicyReply::SIZE);
     assert_eq!((r.virtualized_count, r.first_configurable), (3, 0x30));
     for v in 0..=255usize {
-        let want = if v == 0xd1 { VectorPolicy::Auto } else { VectorPolicy::Replay };
+        let want = if v == 0xd1 {
+            VectorPolicy::Auto
+        } else {
+            VectorPolicy::Replay
+        };
         assert_eq!(r.policies[v], want as u32, "vector {v:#x}");
     }
     // CPU 2 is not virtualized: its table does not count, even if it differs.
@@ -522,8 +532,14 @@ fn set_policy_refuses_vectors_without_a_policy_and_unknown_policies() {
     }
     assert_eq!(t.mutations.get(), 0, "a refused request changed nothing");
     let none = Mock::new(&[None, None]);
-    for r in [Request::Policy, Request::SetPolicy(0xd1, VectorPolicy::Inject)] {
-        assert_eq!(call(&none, r, &mut [0; 2048]), Err(ControlError::NotVirtualized));
+    for r in [
+        Request::Policy,
+        Request::SetPolicy(0xd1, VectorPolicy::Inject),
+    ] {
+        assert_eq!(
+            call(&none, r, &mut [0; 2048]),
+            Err(ControlError::NotVirtualized)
+        );
     }
     assert_eq!(
         call(&t, Request::Policy, &mut [0; 64]),

@@ -143,7 +143,10 @@ mod tests {
         assert_eq!(p.insert(Vector(0x61)), Ok(2));
         assert_eq!((p.len(), p.count(Vector(0x61))), (2, 2));
         assert_eq!(p.pop(), Some(Vector(0x61)));
-        assert!(p.contains(Vector(0x61)), "the second acknowledge still waits");
+        assert!(
+            p.contains(Vector(0x61)),
+            "the second acknowledge still waits"
+        );
         assert_eq!(p.pop(), Some(Vector(0x61)));
         assert_eq!(p.pop(), None);
         assert!(p.is_empty());

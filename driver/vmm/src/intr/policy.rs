@@ -327,7 +327,10 @@ mod tests {
             decide_r(Mode::AckReplay, Vector(0x4F), &g),
             Delivery::Defer(Wait::Priority)
         );
-        assert_eq!(decide_r(Mode::AckReplay, Vector(0x51), &g), Delivery::Replay);
+        assert_eq!(
+            decide_r(Mode::AckReplay, Vector(0x51), &g),
+            Delivery::Replay
+        );
         assert_eq!(
             decide_r(Mode::AckInject, Vector(0x31), &g),
             Delivery::Defer(Wait::Priority)
@@ -376,7 +379,10 @@ mod tests {
             activity: ActivityState::Hlt,
             ..guest()
         };
-        assert_eq!(decide_r(Mode::AckReplay, Vector(0x41), &g), Delivery::Replay);
+        assert_eq!(
+            decide_r(Mode::AckReplay, Vector(0x41), &g),
+            Delivery::Replay
+        );
         assert_eq!(activity_after_delivery(g.activity), ActivityState::Active);
     }
 
@@ -407,7 +413,10 @@ mod tests {
         );
         // Once CR8 drops to 3 the CR8-load exit finds it deliverable.
         let lowered = GuestView { cr8: 3, ..guest() };
-        assert_eq!(decide_r(Mode::AckReplay, second, &lowered), Delivery::Replay);
+        assert_eq!(
+            decide_r(Mode::AckReplay, second, &lowered),
+            Delivery::Replay
+        );
     }
 
     #[test]
@@ -515,20 +524,14 @@ mod tests {
     #[test]
     fn exit_sti_gives_dispatch_class_and_blocked_vectors_to_the_guest() {
         assert_eq!(sti_r(Some(Vector(0x41)), &guest()), StiWindow::Open);
-        assert_eq!(
-            sti_r(Some(Vector(0x2F)), &guest()),
-            StiWindow::GuestTakes
-        );
+        assert_eq!(sti_r(Some(Vector(0x2F)), &guest()), StiWindow::GuestTakes);
         let cli = GuestView {
             interrupts_enabled: false,
             ..guest()
         };
         assert_eq!(sti_r(Some(Vector(0x41)), &cli), StiWindow::GuestTakes);
         let raised = GuestView { cr8: 5, ..guest() };
-        assert_eq!(
-            sti_r(Some(Vector(0x51)), &raised),
-            StiWindow::GuestTakes
-        );
+        assert_eq!(sti_r(Some(Vector(0x51)), &raised), StiWindow::GuestTakes);
         assert_eq!(sti_r(Some(Vector(0x61)), &raised), StiWindow::Open);
         assert_eq!(
             sti_r(Some(Vector(0x61)), &blocking(1)),
@@ -551,7 +554,10 @@ mod tests {
             (2, Delivery::Replay),
             (5, Delivery::Replay),
         ] {
-            assert_eq!(decide(Mode::AckReplay, Vector(0xD1), &at(cr8), &table), want);
+            assert_eq!(
+                decide(Mode::AckReplay, Vector(0xD1), &at(cr8), &table),
+                want
+            );
         }
         assert_eq!(
             decide(Mode::AckReplay, Vector(0xD1), &at(0xD), &table),

@@ -159,11 +159,9 @@ impl PolicyLookup for PolicyTable {
     #[inline(always)]
     fn policy(&self, v: Vector) -> VectorPolicy {
         let (i, m) = slot(v);
-        lookup(
-            self.marked.get(i).copied().unwrap_or(0),
-            m,
-            || self.auto.get(i).copied().unwrap_or(0),
-        )
+        lookup(self.marked.get(i).copied().unwrap_or(0), m, || {
+            self.auto.get(i).copied().unwrap_or(0)
+        })
     }
 }
 
