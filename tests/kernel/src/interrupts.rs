@@ -515,6 +515,10 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
         c.spurious.bump(); // no EOI for the spurious vector
         return;
     }
+    if vector == crate::misdirected::DPC_CLASS_VECTOR {
+        crate::misdirected::on_dpc_class_vector(cpu);
+        return;
+    }
     let entry_cr8 = arch::cr8();
     let class = vector >> 4;
     let [replay_site, window_site] = ackvisor_vmm::root_interrupt_return_sites();
@@ -539,6 +543,11 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
     }
     cpu.ctx_if_off.store(true, Ordering::Relaxed);
 
+    if vector == CLOCK_VECTOR {
+        // NT's tick accounting sees the IRQL the tick interrupted and the interrupted CS.
+        let index = cpu.index.load(Ordering::Relaxed) as usize;
+        crate::watchdog::tick(index, entry_cr8, frame.cs & 3 == 3);
+    }
     let depth = cpu.depth.load(Ordering::Relaxed);
     c.runs.bump(vector);
     match origin {

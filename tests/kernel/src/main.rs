@@ -17,6 +17,7 @@ mod console;
 mod control;
 mod interrupts;
 mod mem;
+mod misdirected;
 mod params;
 mod percpu;
 mod platform;
@@ -26,6 +27,7 @@ mod scenarios;
 mod smp;
 mod uart;
 mod user;
+mod watchdog;
 mod workload;
 
 use core::panic::PanicInfo;
@@ -58,6 +60,7 @@ extern "C" fn kmain() -> ! {
         "rejected" => "rejected",
         "bench" => "bench",
         "serve" => "serve",
+        "misdirected-eoi" => "misdirected-eoi",
         _ => "unknown",
     };
     report::set_scenario(scenario);
@@ -85,6 +88,7 @@ extern "C" fn kmain() -> ! {
         "rejected" => scenarios::rejected(&p),
         "bench" => scenarios::bench(&p),
         "serve" => control::serve_scenario(&p),
+        "misdirected-eoi" => misdirected::scenario(&p),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())

@@ -4,6 +4,8 @@
 //!
 //! **Runs in:** PASSIVE (read once at boot).
 
+use ackvisor_vmm::intr::vector_policy::VectorPolicy;
+
 /// Tag the sector starts with; the runner checks it before patching.
 pub const MAGIC: &[u8] = b"ACKPARAMS";
 const SECTOR: usize = 512;
@@ -53,6 +55,10 @@ pub struct Params {
     pub min_rounds: u32,
     /// `serve`: the mode to virtualize in (`Mode as u32`; the text names it, `start_mode=exit-sti`).
     pub start_mode: u32,
+    /// `modes`: the clock vector's delivery policy, set through the core after virtualizing
+    /// (`VectorPolicy as u32`; the text names it, `clock_policy=replay`). `None`: the
+    /// platform's default (`auto`).
+    pub clock_policy: Option<u32>,
 }
 
 impl Params {
@@ -78,6 +84,7 @@ impl Params {
             modes: 0xF,
             handler_body: 300,
             start_mode: ackvisor_vmm::Mode::AckReplay as u32,
+            clock_policy: None,
         };
         p.scenario[..4].copy_from_slice(b"boot");
         let mut text = [0u8; SECTOR];
@@ -112,6 +119,9 @@ impl Params {
                 ("handler_body", Some(v)) => p.handler_body = v,
                 ("start_mode", _) if ackvisor_vmm::Mode::from_name(value).is_some() => {
                     p.start_mode = ackvisor_vmm::Mode::from_name(value).map_or(0, |m| m as u32);
+                }
+                ("clock_policy", _) if VectorPolicy::from_name(value).is_some() => {
+                    p.clock_policy = VectorPolicy::from_name(value).map(|v| v as u32);
                 }
                 _ => crate::kprintln!("params: ignoring {word}"),
             }

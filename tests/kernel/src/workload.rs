@@ -42,7 +42,9 @@ const DRAIN_TICKS: u64 = 200_000_000;
 
 /// Zeroes this CPU's interrupt counters (nothing may be outstanding).
 pub fn reset_counts() {
-    this_cpu().counts.reset();
+    let cpu = this_cpu();
+    cpu.counts.reset();
+    crate::watchdog::reset(cpu.index.load(Ordering::Relaxed) as usize);
 }
 
 /// A reusable barrier for the CPUs of one workload (generation counted, so the same one serves
@@ -204,18 +206,27 @@ macro_rules! tally {
             $($(#[$doc])* pub $field: u64,)*
             /// Core: largest single exit (a maximum, not a sum).
             pub cycles_max: u64,
+            /// Longest run of clock ticks NT would charge to the DPC watchdog on one CPU
+            /// (`watchdog`; a maximum over CPUs, not a sum).
+            pub dpc_watchdog_max: u64,
             /// Last violation seen (vector << 56 | RIP), 0 if none.
             pub last_violation: u64,
         }
 
         impl Tally {
             /// All zero.
-            pub const ZERO: Tally = Tally { $($field: 0,)* cycles_max: 0, last_violation: 0 };
+            pub const ZERO: Tally = Tally {
+                $($field: 0,)*
+                cycles_max: 0,
+                dpc_watchdog_max: 0,
+                last_violation: 0,
+            };
 
             /// Adds another CPU's tally.
             pub fn add(&mut self, o: &Tally) {
                 $(self.$field = self.$field.wrapping_add(o.$field);)*
                 self.cycles_max = self.cycles_max.max(o.cycles_max);
+                self.dpc_watchdog_max = self.dpc_watchdog_max.max(o.dpc_watchdog_max);
                 if o.last_violation != 0 {
                     self.last_violation = o.last_violation;
                 }
@@ -225,6 +236,7 @@ macro_rules! tally {
             pub fn write(&self, line: &mut Line) {
                 $(line.kv(stringify!($field), self.$field);)*
                 line.kv("cycles_max", self.cycles_max)
+                    .kv("dpc_watchdog_max", self.dpc_watchdog_max)
                     .kv("last_violation", format_args!("{:#x}", self.last_violation));
             }
         }
@@ -391,6 +403,7 @@ impl Tally {
         t.wrong_idt = c.wrong_idt.get();
         t.unexpected = c.unexpected.get();
         t.last_violation = c.last_violation.load(Ordering::Relaxed);
+        t.dpc_watchdog_max = crate::watchdog::longest(cpu.index.load(Ordering::Relaxed) as usize);
         t.isr_left = bits(apic::isr());
         t.irr_left = bits(apic::irr());
         if let Some(s) = core {
