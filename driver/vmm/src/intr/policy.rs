@@ -91,7 +91,7 @@ pub fn decide(mode: Mode, v: Vector, guest: &GuestView, policy: &impl PolicyLook
         return Delivery::Defer(Wait::Priority);
     }
     let replayable = v.class() > DISPATCH_LEVEL && !guest.interruptibility.blocking_by_nmi();
-    if mode == Mode::AckReplay && replayable && !policy.policy(v).injects_at(guest.cr8) {
+    if mode == Mode::AckReplay && replayable && !policy.injects_now(v, guest.cr8) {
         Delivery::Replay
     } else {
         Delivery::Inject
@@ -230,7 +230,7 @@ pub fn sti_window(
         Some(v) if v.class() <= DISPATCH_LEVEL => StiWindow::GuestTakes,
         Some(v) if !guest.interruptible() || v.class() <= guest.cr8 => StiWindow::GuestTakes,
         Some(_) if guest.interruptibility.blocking_by_nmi() => StiWindow::GuestTakes,
-        Some(v) if policy.policy(v).injects_at(guest.cr8) => StiWindow::GuestTakes,
+        Some(v) if policy.injects_now(v, guest.cr8) => StiWindow::GuestTakes,
         Some(_) => StiWindow::Open,
     }
 }

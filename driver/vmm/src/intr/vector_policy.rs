@@ -8,13 +8,12 @@
 //! `auto` injects such a vector whenever the guest's IRQL is below DISPATCH, so NT takes the
 //! tick at its true IRQL, and replays it otherwise (NT would then see ≥ DISPATCH anyway).
 //!
-//! Layout: two 256-bit maps, "not plain replay" and "auto". The common case (replay) costs one
-//! bit test on the exit path; only a marked vector reads the second map.
+//! Layout: one byte per vector (0 = replay), so the exit path pays one byte load and a test.
 //!
 //! **Runs in:** anywhere (pure; [`SharedPolicy`] is read in VMX root, written at PASSIVE).
 #![forbid(unsafe_code)]
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::policy::{DISPATCH_LEVEL, Vector};
 
@@ -24,7 +23,7 @@ pub const FIRST_POLICY_VECTOR: u8 = (DISPATCH_LEVEL + 1) << 4;
 
 /// How one vector is delivered in `ack-replay`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u32)]
+#[repr(u8)]
 pub enum VectorPolicy {
     /// Call this CPU's IDT gate in root mode (the default).
     Replay = 0,
@@ -91,50 +90,47 @@ pub const fn configurable(v: Vector) -> bool {
 pub trait PolicyLookup {
     /// `v`'s policy.
     fn policy(&self, v: Vector) -> VectorPolicy;
+
+    /// Whether `v` is injected now, with the guest at `guest_cr8` (the exit path's question).
+    #[inline(always)]
+    fn injects_now(&self, v: Vector, guest_cr8: u8) -> bool {
+        self.policy(v).injects_at(guest_cr8)
+    }
 }
 
-const fn slot(v: Vector) -> (usize, u64) {
-    ((v.0 >> 6) as usize, 1u64 << (v.0 & 63))
+/// A table entry as stored: `VectorPolicy as u8`. 0 is `replay`, so a zeroed table replays all.
+const fn entry(raw: u8) -> VectorPolicy {
+    match raw {
+        1 => VectorPolicy::Inject,
+        2 => VectorPolicy::Auto,
+        _ => VectorPolicy::Replay,
+    }
 }
 
-/// A whole policy table as a value (platform defaults, snapshots, tests).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A whole policy table as a value (platform defaults, snapshots, tests): one byte per vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyTable {
-    /// Bit set: the vector is not plain replay.
-    marked: [u64; 4],
-    /// Bit set (with `marked`): `auto`; clear: `inject`.
-    auto: [u64; 4],
+    entries: [u8; 256],
+}
+
+impl Default for PolicyTable {
+    fn default() -> Self {
+        Self::ALL_REPLAY
+    }
 }
 
 impl PolicyTable {
     /// Every vector replayed.
-    pub const ALL_REPLAY: Self = Self {
-        marked: [0; 4],
-        auto: [0; 4],
-    };
+    pub const ALL_REPLAY: Self = Self { entries: [0; 256] };
 
     /// Sets `v`'s policy. Vectors that are not [`configurable`] are left as they are.
     pub fn set(&mut self, v: Vector, p: VectorPolicy) {
-        if !configurable(v) {
-            return;
-        }
-        let (i, m) = slot(v);
-        let (Some(marked), Some(auto)) = (self.marked.get_mut(i), self.auto.get_mut(i)) else {
-            return;
-        };
-        match p {
-            VectorPolicy::Replay => {
-                *marked &= !m;
-                *auto &= !m;
-            }
-            VectorPolicy::Inject => {
-                *marked |= m;
-                *auto &= !m;
-            }
-            VectorPolicy::Auto => {
-                *marked |= m;
-                *auto |= m;
-            }
+        if let Some(e) = self
+            .entries
+            .get_mut(usize::from(v.0))
+            .filter(|_| configurable(v))
+        {
+            *e = p as u8;
         }
     }
 
@@ -158,94 +154,79 @@ impl PolicyTable {
 impl PolicyLookup for PolicyTable {
     #[inline(always)]
     fn policy(&self, v: Vector) -> VectorPolicy {
-        let (i, m) = slot(v);
-        lookup(self.marked.get(i).copied().unwrap_or(0), m, || {
-            self.auto.get(i).copied().unwrap_or(0)
-        })
+        entry(self.entries.get(usize::from(v.0)).copied().unwrap_or(0))
     }
 }
 
-#[inline(always)]
-fn lookup(marked: u64, m: u64, auto: impl FnOnce() -> u64) -> VectorPolicy {
-    if marked & m == 0 {
-        VectorPolicy::Replay
-    } else if auto() & m != 0 {
-        VectorPolicy::Auto
-    } else {
-        VectorPolicy::Inject
-    }
-}
-
-/// One CPU's live table: read by its root mode at every decision, written at PASSIVE by
-/// `hypervisor::set_policy_all` (a single word store per map, so root never sees a torn entry
-/// of another vector; one entry may briefly read `inject` between an `auto` write's two stores,
-/// which is a correct delivery either way).
-#[derive(Debug, Default)]
+/// One CPU's live table, one byte per vector: read by its root mode at each decision (one
+/// byte load: the exit path's whole cost of the policy), written at PASSIVE by
+/// `hypervisor::set_policy_all`. Each vector is its own byte, so a write never disturbs another
+/// vector's entry and needs no read-modify-write.
+#[derive(Debug)]
 pub struct SharedPolicy {
-    marked: [AtomicU64; 4],
-    auto: [AtomicU64; 4],
+    entries: [AtomicU8; 256],
+}
+
+impl Default for SharedPolicy {
+    fn default() -> Self {
+        Self {
+            entries: [const { AtomicU8::new(0) }; 256],
+        }
+    }
 }
 
 impl SharedPolicy {
     /// Loads a whole table (for `virtualize`; nothing reads it yet).
     pub fn store_all(&self, t: &PolicyTable) {
-        for (dst, src) in self.marked.iter().zip(t.marked) {
-            dst.store(src, Ordering::Relaxed);
-        }
-        for (dst, src) in self.auto.iter().zip(t.auto) {
+        for (dst, src) in self.entries.iter().zip(t.entries) {
             dst.store(src, Ordering::Relaxed);
         }
     }
 
-    /// Sets one vector. Atomic read-modify-writes, so two PASSIVE callers setting different
-    /// vectors at once both land. Non-[`configurable`] vectors are left alone.
+    /// Sets one vector. Non-[`configurable`] vectors are left alone.
     pub fn set(&self, v: Vector, p: VectorPolicy) {
-        if !configurable(v) {
-            return;
-        }
-        let (i, m) = slot(v);
-        let (Some(marked), Some(auto)) = (self.marked.get(i), self.auto.get(i)) else {
-            return;
-        };
-        // Order: `auto` before `marked` when marking, `marked` before `auto` when unmarking, so
-        // a concurrent reader sees the old policy, `inject`, or the new one.
-        match p {
-            VectorPolicy::Replay => {
-                marked.fetch_and(!m, Ordering::Relaxed);
-                auto.fetch_and(!m, Ordering::Relaxed);
-            }
-            VectorPolicy::Inject => {
-                marked.fetch_or(m, Ordering::Relaxed);
-                auto.fetch_and(!m, Ordering::Relaxed);
-            }
-            VectorPolicy::Auto => {
-                auto.fetch_or(m, Ordering::Relaxed);
-                marked.fetch_or(m, Ordering::Relaxed);
-            }
+        if let Some(e) = self
+            .entries
+            .get(usize::from(v.0))
+            .filter(|_| configurable(v))
+        {
+            e.store(p as u8, Ordering::Relaxed);
         }
     }
 
     /// A copy as a value.
     pub fn snapshot(&self) -> PolicyTable {
         let mut t = PolicyTable::ALL_REPLAY;
-        for (dst, src) in t.marked.iter_mut().zip(&self.marked) {
-            *dst = src.load(Ordering::Relaxed);
-        }
-        for (dst, src) in t.auto.iter_mut().zip(&self.auto) {
+        for (dst, src) in t.entries.iter_mut().zip(&self.entries) {
             *dst = src.load(Ordering::Relaxed);
         }
         t
     }
 }
 
+impl SharedPolicy {
+    #[inline(always)]
+    fn raw(&self, v: Vector) -> u8 {
+        self.entries
+            .get(usize::from(v.0))
+            .map_or(0, |e| e.load(Ordering::Relaxed))
+    }
+}
+
 impl PolicyLookup for SharedPolicy {
     #[inline(always)]
     fn policy(&self, v: Vector) -> VectorPolicy {
-        let (i, m) = slot(v);
-        let marked = self.marked.get(i).map_or(0, |w| w.load(Ordering::Relaxed));
-        lookup(marked, m, || {
-            self.auto.get(i).map_or(0, |w| w.load(Ordering::Relaxed))
-        })
+        entry(self.raw(v))
+    }
+
+    /// On the raw byte, so `replay` costs one load and one test on the exit path (decoding to
+    /// the enum first made the compiler spend ten instructions). Entries only ever hold
+    /// `VectorPolicy as u8` ([`SharedPolicy::set`], [`SharedPolicy::store_all`]).
+    #[inline(always)]
+    fn injects_now(&self, v: Vector, guest_cr8: u8) -> bool {
+        let raw = self.raw(v);
+        raw != VectorPolicy::Replay as u8
+            && (raw != VectorPolicy::Auto as u8 || guest_cr8 < DISPATCH_LEVEL)
     }
 }
 
@@ -291,6 +272,9 @@ mod tests {
 
     #[test]
     fn every_vector_has_its_own_entry_in_both_tables() {
+        assert_eq!(entry(VectorPolicy::Inject as u8), VectorPolicy::Inject);
+        assert_eq!(entry(VectorPolicy::Auto as u8), VectorPolicy::Auto);
+        assert_eq!(entry(0xFF), VectorPolicy::Replay);
         let shared = SharedPolicy::default();
         let mut value = PolicyTable::ALL_REPLAY;
         for v in FIRST_POLICY_VECTOR..=255 {
@@ -308,6 +292,16 @@ mod tests {
             assert_eq!(shared.policy(Vector(v)), want, "{v:#x}");
         }
         assert_eq!(shared.snapshot(), value);
+        // The exit path's shortcut answers what the enum does, at every IRQL.
+        for v in 0..=255u8 {
+            for cr8 in 0..16 {
+                assert_eq!(
+                    shared.injects_now(Vector(v), cr8),
+                    value.policy(Vector(v)).injects_at(cr8),
+                    "{v:#x} at {cr8}"
+                );
+            }
+        }
         let copy = SharedPolicy::default();
         copy.store_all(&value);
         assert_eq!(copy.snapshot(), value);
