@@ -10,6 +10,8 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use ackvisor_vmm::intr::policy::Vector;
+use ackvisor_vmm::intr::vector_policy::{PolicyLookup, VectorPolicy};
 use ackvisor_vmm::stats::Snapshot;
 
 use crate::interrupts::{
@@ -254,7 +256,8 @@ tally! {
     lost,
     /// Runs in the guest.
     guest,
-    /// Runs of class > DISPATCH in the guest, rejected-gate vectors excluded.
+    /// Runs of class > DISPATCH in the guest, rejected-gate vectors and vectors whose delivery
+    /// policy is not `replay` (the clock, `auto` by default) excluded.
     guest_hi,
     /// DPC runs in the guest.
     dpc_guest,
@@ -374,10 +377,25 @@ impl Tally {
             t.ran += runs;
             t.lost += diff(raised, runs);
         }
+        // Only meaningful while virtualized (with the core's snapshot at hand).
+        let policy = core.and_then(|_| {
+            ackvisor_vmm::hypervisor::policy(ackvisor_vmm::CpuIndex(
+                cpu.index.load(Ordering::Relaxed),
+            ))
+        });
+        let replayed_by_policy = |v: u8| {
+            policy
+                .as_ref()
+                .is_none_or(|p| p.policy(Vector(v)) == VectorPolicy::Replay)
+        };
         for v in 0..=255u8 {
             let guest = u64::from(c.guest.get(v));
             t.guest += guest;
-            if v >> 4 > DISPATCH_CLASS && v != IST_GATE_VECTOR && v != DPL3_GATE_VECTOR {
+            if v >> 4 > DISPATCH_CLASS
+                && v != IST_GATE_VECTOR
+                && v != DPL3_GATE_VECTOR
+                && replayed_by_policy(v)
+            {
                 t.guest_hi += guest;
             }
             t.replayed += u64::from(c.replayed.get(v));

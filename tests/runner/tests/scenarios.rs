@@ -77,9 +77,11 @@ fn every_mode_delivers_each_interrupt_once(model: &str) {
 /// Scenario 2: ack-replay exits once per interrupt, replays in root at CR8 ≥ 2 (also inside the
 /// guest's own handlers and from CPL 3), injects the DPC vector and never runs it in root,
 /// defers (Bochs lets one exit through after a guest `cli`) and never runs a handler the
-/// interrupted code masked.
+/// interrupted code masked. The clock is forced to `replay` (its default `auto` injects it
+/// below DISPATCH, issue 8), so that every vector above DISPATCH takes the replay path, the
+/// one that arrives at CPL 3 included.
 fn ack_replay_exits_once_and_replays_in_root(model: &str) {
-    let run = machine(RunSpec::new(model, "modes"));
+    let run = machine(RunSpec::new(model, "modes").param("clock_policy", "replay"));
     let mut v = Verdict::new(&run);
     if let Some(l) = v.line("modes", Some("ack-replay")) {
         v.eq(l, "exit_mismatch", 0)
