@@ -14,9 +14,10 @@
 //! 4. It decodes [`vmx::fields::ExitIntrInfo`] (invalid or not type 0: an anomaly in [`stats`]
 //!    and [`log_ring`]) and calls [`intr::policy::decide`] with the guest's IF, blocking, CPL,
 //!    CR8 and activity state.
-//! 5. Defer: [`intr::pending::PendingSet`] keeps V; interrupt-window or CR8-load exiting
-//!    ([`intr::inject::set_waits`]) brings it back to [`intr::on_window`].
-//! 6. Inject (class ≤ DISPATCH, rejected gate, NMI blocking, or mode `ack-inject`):
+//! 5. Defer: [`intr::pending::PendingSet`] keeps V (one count per acknowledge); interrupt-window
+//!    or CR8-load exiting ([`intr::inject::set_waits`]) brings it back to [`intr::on_window`].
+//! 6. Inject (class ≤ DISPATCH, rejected gate, NMI blocking, a vector whose
+//!    [`intr::vector_policy`] says inject now, or mode `ack-inject`):
 //!    [`intr::inject::external`] writes [`vmx::fields::EntryIntrInfo`].
 //! 7. Replay: the gate from *this* CPU's IDT ([`intr::replay::read_gate`]) is checked by
 //!    [`intr::policy::validate_gate`]; [`intr::policy::frame_stack`] picks the stack;
