@@ -350,10 +350,15 @@ impl Platform for NtPlatform {
     fn delivery_policy(&self) -> PolicyTable {
         // Issue 8: the ticks must reach NT at their true IRQL, or replay makes every one look
         // like DISPATCH and the DPC watchdog bugchecks (0x133). Called on each CPU in turn.
-        let lvt = ackvisor_vmm::arch::apic::lvt_timer(self.apic());
+        // Without the xAPIC mapping (`prepare` not run) there is nothing to read: the fixed
+        // vectors alone.
+        let lvt = match self.apic() {
+            ApicAccess::XApic { base_va: 0 } => None,
+            apic => Some(ackvisor_vmm::arch::apic::lvt_timer(apic)),
+        };
         tick_defaults(
             &[NT_CLOCK_VECTOR, NT_CLOCK_IPI_VECTOR, NT_PROFILE_VECTOR],
-            Some(lvt),
+            lvt,
         )
     }
 
