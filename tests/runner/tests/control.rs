@@ -327,7 +327,9 @@ fn ackctl_switches_every_mode_on_every_cpu(model: &str) {
 /// CPU still virtualized and in the last mode.
 fn soak_hundred_flips_lose_nothing(model: &str) {
     let cpus = 2;
-    let spec = RunSpec::serve(model, cpus, 3000)
+    // Enough rounds per CPU (about 6.7 interrupts each) for 100,000 interrupts however fast the
+    // flips go: the run lasts until both the flips and the rounds are done.
+    let spec = RunSpec::serve(model, cpus, 9000)
         .param("clock_period", 2500)
         .param("stretch", 1500);
     let (m, addr) = boot(&spec);
