@@ -211,29 +211,19 @@ pub fn virtualize_current_cpu(
     } else {
         0
     };
-    let root = RootState {
-        platform: Some(platform),
-        cpu,
-        mode: config.mode,
-        controls,
-        pin: controls.pin,
-        proc: controls.proc,
-        pending: PendingSet::new(),
-        exiting_suspended: false,
-        preemption_ticks,
-        launched: false,
-        launch_failure: None,
-        irql_is_cr8: platform.irql_is_cr8(),
-        kernel_cs: regs::cs(),
-        kernel_ss: regs::ss(),
-        features,
-        fatal: None,
-        vmxon_pa,
-        vmcs_pa,
-    };
-    // SAFETY: nobody else can see this CPU's block yet.
-    unsafe { this.data.root.get().write(root) };
-    this.data.policy.store_all(&platform.delivery_policy());
+    init_root(
+        this,
+        platform,
+        RootInit {
+            cpu,
+            mode: config.mode,
+            controls,
+            preemption_ticks,
+            features,
+            vmxon_pa,
+            vmcs_pa,
+        },
+    );
     // SAFETY: both regions are ours and 4 KiB; the revision id goes in the first 31 bits.
     unsafe {
         core::ptr::addr_of!(this.vmxon)
@@ -329,6 +319,48 @@ pub fn virtualize_current_cpu(
             Err(fail("VMLAUNCH", VmxError::VmFailValid(error)))
         }
     }
+}
+
+/// What [`init_root`] needs from `virtualize_current_cpu`.
+struct RootInit {
+    cpu: CpuIndex,
+    mode: Mode,
+    controls: caps::Controls,
+    preemption_ticks: u32,
+    features: Features,
+    vmxon_pa: u64,
+    vmcs_pa: u64,
+}
+
+/// Writes this CPU's root state and loads the platform's delivery policy into its table. A
+/// function of its own so the root state (with its 256-entry pending counts) and the policy
+/// table are temporaries of this frame only: in a debug build `virtualize_current_cpu`'s frame
+/// would otherwise pass 4 KiB and need `__chkstk`, which a driver image does not link.
+#[inline(never)]
+fn init_root(this: &PerCpu, platform: &'static dyn Platform, init: RootInit) {
+    let root = RootState {
+        platform: Some(platform),
+        cpu: init.cpu,
+        mode: init.mode,
+        controls: init.controls,
+        pin: init.controls.pin,
+        proc: init.controls.proc,
+        pending: PendingSet::new(),
+        exiting_suspended: false,
+        preemption_ticks: init.preemption_ticks,
+        launched: false,
+        launch_failure: None,
+        irql_is_cr8: platform.irql_is_cr8(),
+        kernel_cs: regs::cs(),
+        kernel_ss: regs::ss(),
+        features: init.features,
+        fatal: None,
+        vmxon_pa: init.vmxon_pa,
+        vmcs_pa: init.vmcs_pa,
+    };
+    // SAFETY: nobody else can see this CPU's block yet (the caller has not published it).
+    unsafe { this.data.root.get().write(root) };
+    this.data.policy.store_all(&platform.delivery_policy());
 }
 
 /// TSC cycles (at the timer's rate) an exit-sti hand-over lasts before exiting is back on.

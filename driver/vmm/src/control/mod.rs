@@ -37,10 +37,9 @@ use crate::platform::CpuIndex;
 use crate::stats::Counters;
 use error::saturate;
 use wire::{
-    CpuModeEntry, CpuStats, Field, MAX_REQUEST_BYTES, POLICY_ENTRIES, PROTOCOL_VERSION,
-    PolicyReply, PolicyRequest, ReplyHeader, RequestHeader, ResetStatsReply, ResetStatsRequest,
-    SetModeReply, SetModeRequest, SetPolicyReply, SetPolicyRequest, StatsReply, StatsRequest,
-    StatusReply, StatusRequest,
+    CpuModeEntry, CpuStats, Field, MAX_REQUEST_BYTES, PROTOCOL_VERSION, PolicyReply, PolicyRequest,
+    ReplyHeader, RequestHeader, ResetStatsReply, ResetStatsRequest, SetModeReply, SetModeRequest,
+    SetPolicyReply, SetPolicyRequest, StatsReply, StatsRequest, StatusReply, StatusRequest,
 };
 
 /// What the dispatcher needs from the hypervisor: the core's PASSIVE-level API
@@ -492,7 +491,8 @@ fn set_policy(
 }
 
 /// The table of every virtualized CPU, entry by entry: one policy, or [`wire::POLICY_MIXED`].
-/// Built in place in the reply (1 KiB), one CPU's table (64 bytes) on the stack at a time.
+/// Merged in place in the reply, one CPU's table (256 bytes) on the stack at a time: a
+/// [`PolicyReply`] value (1 KiB) and its copies would take most of a debug build's 4 KiB frame.
 fn policy(target: &dyn ControlTarget, output: &mut [u8]) -> Result<usize, ControlError> {
     if target.virtualized_count() == 0 {
         return Err(ControlError::NotVirtualized);
@@ -500,27 +500,29 @@ fn policy(target: &dyn ControlTarget, output: &mut [u8]) -> Result<usize, Contro
     let needed = PolicyReply::SIZE;
     let len = output.len();
     let out = reply_buffer(output, needed)?;
-    let mut reply = PolicyReply {
-        header: header(needed),
-        virtualized_count: 0,
-        first_configurable: u32::from(FIRST_POLICY_VECTOR),
-        policies: [0; POLICY_ENTRIES],
-    };
+    let (head, entries) = out.split_at_mut(offset_of!(PolicyReply, policies));
+    // A CPU gone between the count above and its read leaves its entries at `replay`, not at
+    // whatever the caller's buffer held.
+    entries.fill(0);
+    let mut virtualized = 0u32;
     for cpu in 0..target.cpu_count() {
         let Some(table) = target.policy(CpuIndex(cpu)) else {
             continue;
         };
-        let first = reply.virtualized_count == 0;
-        reply.virtualized_count = reply.virtualized_count.wrapping_add(1);
-        for (v, slot) in (0..=255u8).zip(reply.policies.iter_mut()) {
+        for (v, slot) in (0..=255u8).zip(entries.chunks_exact_mut(u32::SIZE)) {
             let p = table.policy(Vector(v)) as u32;
-            if first {
-                *slot = p;
-            } else if *slot != p {
-                *slot = wire::POLICY_MIXED;
-            }
+            let merged = match u32::decode(slot) {
+                Some(old) if virtualized > 0 && old != p => wire::POLICY_MIXED,
+                _ => p,
+            };
+            encoded(merged.encode(slot), needed, len)?;
         }
+        virtualized = virtualized.wrapping_add(1);
     }
-    encoded(reply.encode(out), needed, len)?;
+    let mut w = wire::Writer::new(head);
+    header(needed).put(&mut w);
+    w.u32(virtualized);
+    w.u32(u32::from(FIRST_POLICY_VECTOR));
+    encoded(w.finish(), needed, len)?;
     Ok(needed)
 }

@@ -178,8 +178,8 @@ impl Default for SharedPolicy {
 impl SharedPolicy {
     /// Loads a whole table (for `virtualize`; nothing reads it yet).
     pub fn store_all(&self, t: &PolicyTable) {
-        for (dst, src) in self.entries.iter().zip(t.entries) {
-            dst.store(src, Ordering::Relaxed);
+        for (dst, src) in self.entries.iter().zip(&t.entries) {
+            dst.store(*src, Ordering::Relaxed);
         }
     }
 
