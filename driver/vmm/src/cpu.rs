@@ -63,6 +63,15 @@ pub struct RootState {
     pub features: Features,
     /// The last fatal event, kept for a debugger.
     pub fatal: Option<FatalState>,
+    /// The guest's DR7, kept exact by MOV-DR exiting (`intr::debug`): root loads it around
+    /// its calls of guest handlers without a VMREAD.
+    pub guest_dr7: u64,
+    /// The guest's IA32_DEBUGCTL, kept exact by the MSR bitmap's write intercept.
+    pub guest_debugctl: u64,
+    /// The CPU has IA32_DEBUGCTL (Bochs #GPs on it: root never touches it then).
+    pub debugctl_msr: bool,
+    /// CPUID.7.0:EDX.MD_CLEAR: VERW also clears CPU buffers; issued after a CPL-3 replay.
+    pub md_clear: bool,
     /// Physical address of the VMXON region.
     pub vmxon_pa: u64,
     /// Physical address of the VMCS.

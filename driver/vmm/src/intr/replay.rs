@@ -5,7 +5,9 @@
 //! itself, at IRQL ≥ DISPATCH.
 
 use super::policy::{self, FrameStack, GateRejection, Vector};
+use crate::arch::debug::DR7_AFTER_EXIT;
 use crate::arch::idt::IdtGate;
+use crate::arch::{msr, regs};
 
 /// Calls an interrupt handler the way the CPU would have: switch to `frame_rsp` (0 = stay on
 /// the VMM stack, aligned down to 16), push SS, the VMM's RSP, RFLAGS (IF=0), CS and CALL the
@@ -133,4 +135,46 @@ pub fn call_gate(
     // zone; a real interrupt writes there too) or on our stack.
     unsafe { replay_trampoline(handler, rsp, u64::from(kernel_ss), u64::from(kernel_cs)) };
     Ok(crate::arch::regs::rdtsc().wrapping_sub(t0))
+}
+
+/// Loads what `plan` says before a root call (`intr::debug`). The common plan loads nothing.
+#[inline(always)]
+pub fn load_guest_debug(plan: &super::debug::Plan) {
+    if plan.loads_dr7() {
+        // SAFETY: the guest's own DR7 (GD clear: MOV-DR exits emulate GD and never leave it set
+        // in the shadow), so its breakpoints fire in the guest's handlers this call runs, as
+        // they would have without ackvisor; the DR0-3 addresses are the guest's already.
+        unsafe { regs::write_dr7(plan.dr7) };
+    }
+    if let Some(debugctl) = plan.debugctl
+        && debugctl != 0
+    {
+        // SAFETY: the MSR exists (`plan` only names it when the platform has it) and the value
+        // is the guest's, accepted by VM entry (`intr::debug::debugctl_write`).
+        unsafe { regs::wrmsr(msr::IA32_DEBUGCTL, debugctl) };
+    }
+}
+
+/// After a root call: what the call left in DR7 (and DEBUGCTL, when `plan` touches it). Puts
+/// the exit's values back, so root code outside the call runs without the guest's breakpoints.
+#[inline(always)]
+pub fn take_guest_debug(plan: &super::debug::Plan) -> (u64, Option<u64>) {
+    let dr7 = regs::dr7();
+    if dr7 != DR7_AFTER_EXIT {
+        // SAFETY: the value every VM exit loads; disables every breakpoint.
+        unsafe { regs::write_dr7(DR7_AFTER_EXIT) };
+    }
+    let debugctl = match plan.debugctl {
+        Some(_) => {
+            // SAFETY: the MSR exists (`plan` names it only then).
+            let now = unsafe { regs::rdmsr(msr::IA32_DEBUGCTL) };
+            if now != 0 {
+                // SAFETY: 0 is what every VM exit loads.
+                unsafe { regs::wrmsr(msr::IA32_DEBUGCTL, 0) };
+            }
+            Some(now)
+        }
+        None => None,
+    };
+    (dr7, debugctl)
 }

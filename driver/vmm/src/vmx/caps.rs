@@ -80,6 +80,56 @@ pub struct Controls {
     pub entry: u32,
 }
 
+/// What CPUID tells the OS that only works in a guest when a secondary control enables it
+/// (DESIGN §5). Without the control the instruction #UDs in the guest and Windows bugchecks, so
+/// an advertised feature whose control is not allowed is a refusal, never a silent drop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Advertised {
+    /// CPUID.80000001H:EDX.RDTSCP.
+    pub rdtscp: bool,
+    /// CPUID.7.0:ECX.RDPID (enabled by the same control as RDTSCP).
+    pub rdpid: bool,
+    /// CPUID.7.0:EBX.INVPCID.
+    pub invpcid: bool,
+    /// CPUID.(0DH,1):EAX.XSAVES.
+    pub xsaves: bool,
+    /// CPUID.7.0:ECX.WAITPKG (TPAUSE, UMONITOR, UMWAIT).
+    pub waitpkg: bool,
+}
+
+/// CPUID leaves and bits behind [`Advertised`] (SDM 2A, "CPUID—CPU Identification").
+pub mod cpuid {
+    /// Structured extended features.
+    pub const LEAF_EXTENDED_FEATURES: u32 = 7;
+    /// Processor extended state enumeration (subleaf 1).
+    pub const LEAF_XSAVE: u32 = 0xD;
+    /// Extended processor signature and feature bits.
+    pub const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+    /// Leaf 7.0 EBX: INVPCID.
+    pub const L7_EBX_INVPCID: u32 = 1 << 10;
+    /// Leaf 7.0 ECX: WAITPKG.
+    pub const L7_ECX_WAITPKG: u32 = 1 << 5;
+    /// Leaf 7.0 ECX: RDPID.
+    pub const L7_ECX_RDPID: u32 = 1 << 22;
+    /// Leaf 0xD.1 EAX: XSAVES/XRSTORS.
+    pub const LD1_EAX_XSAVES: u32 = 1 << 3;
+    /// Leaf 0x8000_0001 EDX: RDTSCP.
+    pub const LX1_EDX_RDTSCP: u32 = 1 << 27;
+}
+
+impl Advertised {
+    /// From the CPUID registers that hold the bits (0 for a leaf beyond the maximum).
+    pub const fn decode(l7_ebx: u32, l7_ecx: u32, ld1_eax: u32, lx1_edx: u32) -> Self {
+        Self {
+            rdtscp: lx1_edx & cpuid::LX1_EDX_RDTSCP != 0,
+            rdpid: l7_ecx & cpuid::L7_ECX_RDPID != 0,
+            invpcid: l7_ebx & cpuid::L7_EBX_INVPCID != 0,
+            xsaves: ld1_eax & cpuid::LD1_EAX_XSAVES != 0,
+            waitpkg: l7_ecx & cpuid::L7_ECX_WAITPKG != 0,
+        }
+    }
+}
+
 struct Pairs {
     pin: (AllowedBits, &'static str),
     proc: (AllowedBits, &'static str),
@@ -120,8 +170,36 @@ fn require(
     }
 }
 
-/// The controls ackvisor needs, or the first one the CPU refuses.
-pub fn controls(raw: &RawCaps) -> Result<Controls, Missing> {
+/// The secondary controls an OS needs when CPUID advertises their instructions, named for the
+/// refusal.
+fn needed_secondary(adv: &Advertised) -> [(bool, u32, &'static str); 4] {
+    [
+        (
+            adv.rdtscp || adv.rdpid,
+            SecondaryControls::ENABLE_RDTSCP.bits(),
+            "enable RDTSCP (CPUID advertises RDTSCP/RDPID)",
+        ),
+        (
+            adv.invpcid,
+            SecondaryControls::ENABLE_INVPCID.bits(),
+            "enable INVPCID (CPUID advertises INVPCID)",
+        ),
+        (
+            adv.xsaves,
+            SecondaryControls::ENABLE_XSAVES_XRSTORS.bits(),
+            "enable XSAVES/XRSTORS (CPUID advertises XSAVES)",
+        ),
+        (
+            adv.waitpkg,
+            SecondaryControls::ENABLE_USER_WAIT_PAUSE.bits(),
+            "enable user wait and pause (CPUID advertises WAITPKG)",
+        ),
+    ]
+}
+
+/// The controls ackvisor needs, or the first one the CPU refuses. `adv` is what CPUID tells
+/// the OS: each advertised instruction's secondary control must be allowed.
+pub fn controls(raw: &RawCaps, adv: &Advertised) -> Result<Controls, Missing> {
     let p = pairs(raw);
     require(
         p.pin,
@@ -158,13 +236,38 @@ pub fn controls(raw: &RawCaps) -> Result<Controls, Missing> {
         PrimaryControls::USE_MSR_BITMAPS.bits(),
         "MSR bitmaps",
     )?;
+    // intr::debug: every guest MOV DR exits, so root knows the guest's DR7 without a VMREAD.
+    require(
+        p.proc,
+        PrimaryControls::MOV_DR_EXITING.bits(),
+        "MOV-DR exiting",
+    )?;
 
-    let mut proc = PrimaryControls::USE_MSR_BITMAPS.bits();
+    let secondary = p.proc.0.allows(PrimaryControls::SECONDARY_CONTROLS.bits());
+    for (needed, bits, control) in needed_secondary(adv) {
+        if !needed {
+            continue;
+        }
+        if !secondary {
+            return Err(Missing {
+                control,
+                msr: p.proc.1,
+            });
+        }
+        require(
+            (AllowedBits(raw.proc2), "IA32_VMX_PROCBASED_CTLS2"),
+            bits,
+            control,
+        )?;
+    }
+
+    let mut proc = (PrimaryControls::USE_MSR_BITMAPS | PrimaryControls::MOV_DR_EXITING).bits();
     let mut proc2 = 0;
-    if p.proc.0.allows(PrimaryControls::SECONDARY_CONTROLS.bits()) {
+    if secondary {
         let allowed2 = AllowedBits(raw.proc2);
         // DESIGN §5: without these, RDTSCP/RDPID, INVPCID, XSAVES and TPAUSE/UMWAIT #UD in the
-        // guest and Windows crashes; enable each that the CPU offers.
+        // guest and Windows crashes; enable each that the CPU offers (each one CPUID
+        // advertises was required above).
         let wanted = SecondaryControls::ENABLE_RDTSCP
             | SecondaryControls::ENABLE_INVPCID
             | SecondaryControls::ENABLE_XSAVES_XRSTORS
@@ -238,19 +341,107 @@ pub const fn mode_supported(mode: crate::intr::Mode, f: &Features) -> Result<(),
     }
 }
 
-/// CR0 with the VMX fixed bits applied (FIXED0 bits set, bits clear in FIXED1 cleared).
-pub const fn fixed_cr0(raw: &RawCaps, cr0: u64) -> u64 {
-    (cr0 | raw.cr0_fixed0) & raw.cr0_fixed1
+/// CR0 for VMX operation: FIXED0 bits added. A bit the OS has set that FIXED1 forbids is a
+/// refusal naming it: clearing it would change the machine under the OS.
+pub const fn fixed_cr0(raw: &RawCaps, cr0: u64) -> Result<u64, Missing> {
+    match lowest_bit(cr0 & !raw.cr0_fixed1) {
+        Some(bit) => Err(Missing {
+            control: cr0_bit_name(bit),
+            msr: "IA32_VMX_CR0_FIXED1",
+        }),
+        None => Ok(cr0 | raw.cr0_fixed0),
+    }
 }
 
-/// CR4 with the VMX fixed bits applied; this sets CR4.VMXE.
-pub const fn fixed_cr4(raw: &RawCaps, cr4: u64) -> u64 {
-    (cr4 | raw.cr4_fixed0) & raw.cr4_fixed1
+/// CR4 for VMX operation (this adds CR4.VMXE). A bit the OS has set that FIXED1 forbids (CET,
+/// PKS, UINTR, LAM under a lagging nested hypervisor) is a refusal naming it.
+pub const fn fixed_cr4(raw: &RawCaps, cr4: u64) -> Result<u64, Missing> {
+    match lowest_bit(cr4 & !raw.cr4_fixed1) {
+        Some(bit) => Err(Missing {
+            control: cr4_bit_name(bit),
+            msr: "IA32_VMX_CR4_FIXED1",
+        }),
+        None => Ok(cr4 | raw.cr4_fixed0),
+    }
+}
+
+const fn lowest_bit(v: u64) -> Option<u32> {
+    if v == 0 {
+        None
+    } else {
+        Some(v.trailing_zeros())
+    }
+}
+
+/// CR0 bits the OS can have set (SDM 3A, "Control Registers").
+const fn cr0_bit_name(bit: u32) -> &'static str {
+    match bit {
+        0 => "CR0.PE (bit 0), set by the OS,",
+        1 => "CR0.MP (bit 1), set by the OS,",
+        2 => "CR0.EM (bit 2), set by the OS,",
+        3 => "CR0.TS (bit 3), set by the OS,",
+        4 => "CR0.ET (bit 4), set by the OS,",
+        5 => "CR0.NE (bit 5), set by the OS,",
+        16 => "CR0.WP (bit 16), set by the OS,",
+        18 => "CR0.AM (bit 18), set by the OS,",
+        29 => "CR0.NW (bit 29), set by the OS,",
+        30 => "CR0.CD (bit 30), set by the OS,",
+        31 => "CR0.PG (bit 31), set by the OS,",
+        _ => "a CR0 bit unknown to ackvisor, set by the OS,",
+    }
+}
+
+/// CR4 bits the OS can have set (SDM 3A, "Control Registers").
+const fn cr4_bit_name(bit: u32) -> &'static str {
+    match bit {
+        0 => "CR4.VME (bit 0), set by the OS,",
+        1 => "CR4.PVI (bit 1), set by the OS,",
+        2 => "CR4.TSD (bit 2), set by the OS,",
+        3 => "CR4.DE (bit 3), set by the OS,",
+        4 => "CR4.PSE (bit 4), set by the OS,",
+        5 => "CR4.PAE (bit 5), set by the OS,",
+        6 => "CR4.MCE (bit 6), set by the OS,",
+        7 => "CR4.PGE (bit 7), set by the OS,",
+        8 => "CR4.PCE (bit 8), set by the OS,",
+        9 => "CR4.OSFXSR (bit 9), set by the OS,",
+        10 => "CR4.OSXMMEXCPT (bit 10), set by the OS,",
+        11 => "CR4.UMIP (bit 11), set by the OS,",
+        12 => "CR4.LA57 (bit 12), set by the OS,",
+        14 => "CR4.SMXE (bit 14), set by the OS,",
+        16 => "CR4.FSGSBASE (bit 16), set by the OS,",
+        17 => "CR4.PCIDE (bit 17), set by the OS,",
+        18 => "CR4.OSXSAVE (bit 18), set by the OS,",
+        19 => "CR4.KL (bit 19), set by the OS,",
+        20 => "CR4.SMEP (bit 20), set by the OS,",
+        21 => "CR4.SMAP (bit 21), set by the OS,",
+        22 => "CR4.PKE (bit 22), set by the OS,",
+        23 => "CR4.CET (bit 23), set by the OS,",
+        24 => "CR4.PKS (bit 24), set by the OS,",
+        25 => "CR4.UINTR (bit 25), set by the OS,",
+        28 => "CR4.LAM_SUP (bit 28), set by the OS,",
+        32 => "CR4.FRED (bit 32), set by the OS,",
+        _ => "a CR4 bit unknown to ackvisor, set by the OS,",
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    const NONE: Advertised = Advertised {
+        rdtscp: false,
+        rdpid: false,
+        invpcid: false,
+        xsaves: false,
+        waitpkg: false,
+    };
+    const ALL: Advertised = Advertised {
+        rdtscp: true,
+        rdpid: true,
+        invpcid: true,
+        xsaves: true,
+        waitpkg: true,
+    };
 
     /// Bochs corei7_haswell_4770's values (shared/reference/bochs-prototype/REPORT.md).
     pub(crate) fn haswell() -> RawCaps {
@@ -274,7 +465,7 @@ pub(crate) mod tests {
 
     #[test]
     fn haswell_controls_use_true_msrs_and_secondary_features() {
-        let c = controls(&haswell()).expect("haswell offers everything");
+        let c = controls(&haswell(), &NONE).expect("haswell offers everything");
         // TRUE_PROCBASED clears CR3-load/store exiting from the default-1 set.
         assert_eq!(c.proc & PrimaryControls::CR3_LOAD_EXITING.bits(), 0);
         assert_ne!(c.proc & PrimaryControls::USE_MSR_BITMAPS.bits(), 0);
@@ -293,7 +484,7 @@ pub(crate) mod tests {
     fn without_true_controls_default_one_bits_stay_set() {
         let mut raw = haswell();
         raw.basic &= !(1 << 55);
-        let c = controls(&raw).expect("still supported");
+        let c = controls(&raw, &NONE).expect("still supported");
         assert_ne!(c.proc & PrimaryControls::CR3_LOAD_EXITING.bits(), 0);
     }
 
@@ -301,7 +492,7 @@ pub(crate) mod tests {
     fn missing_ack_on_exit_names_the_msr() {
         let mut raw = haswell();
         raw.true_exit &= !(u64::from(ExitControls::ACK_INTERRUPT_ON_EXIT.bits()) << 32);
-        let err = controls(&raw).expect_err("ack removed");
+        let err = controls(&raw, &NONE).expect_err("ack removed");
         extern crate std;
         use std::string::ToString;
         assert_eq!(
@@ -314,7 +505,7 @@ pub(crate) mod tests {
     fn missing_external_interrupt_exiting_is_reported_first() {
         let mut raw = haswell();
         raw.true_pin = 0x16;
-        let err = controls(&raw).expect_err("pin removed");
+        let err = controls(&raw, &NONE).expect_err("pin removed");
         assert_eq!(err.control, "external-interrupt exiting");
         assert_eq!(err.msr, "IA32_VMX_TRUE_PINBASED_CTLS");
     }
@@ -323,7 +514,7 @@ pub(crate) mod tests {
     fn no_secondary_controls_means_no_secondary_bit() {
         let mut raw = haswell();
         raw.true_proc &= !(1u64 << 63);
-        let c = controls(&raw).expect("supported");
+        let c = controls(&raw, &NONE).expect("supported");
         assert_eq!(c.proc & PrimaryControls::SECONDARY_CONTROLS.bits(), 0);
         assert_eq!(c.proc2, 0);
         assert!(!features(&raw, false).rdtscp);
@@ -332,8 +523,106 @@ pub(crate) mod tests {
     #[test]
     fn fixed_bits_set_vmxe_and_keep_pe_pg_ne() {
         let raw = haswell();
-        assert_ne!(fixed_cr4(&raw, 0x620) & (1 << 13), 0);
-        assert_eq!(fixed_cr0(&raw, 0x8000_0011) & 0x8000_0021, 0x8000_0021);
+        assert_ne!(fixed_cr4(&raw, 0x620).expect("allowed") & (1 << 13), 0);
+        let cr0 = fixed_cr0(&raw, 0x8000_0011).expect("allowed");
+        assert_eq!(cr0 & 0x8000_0021, 0x8000_0021, "NE added from FIXED0");
+        assert_eq!(cr0, 0x8000_0031, "nothing else changed");
+    }
+
+    #[test]
+    fn a_cr4_bit_fixed1_forbids_is_refused_by_name() {
+        // A lagging nested hypervisor: the OS runs with CET, FIXED1 does not allow it.
+        let raw = haswell();
+        const CET: u64 = 1 << 23;
+        assert_eq!(raw.cr4_fixed1 & CET, 0);
+        let err = fixed_cr4(&raw, 0x620 | CET).expect_err("CET forbidden");
+        extern crate std;
+        use std::string::ToString;
+        assert_eq!(
+            err.to_string(),
+            "CR4.CET (bit 23), set by the OS, not allowed by IA32_VMX_CR4_FIXED1"
+        );
+        let lam = fixed_cr4(&raw, 0x620 | (1 << 28)).expect_err("LAM forbidden");
+        assert_eq!(lam.control, "CR4.LAM_SUP (bit 28), set by the OS,");
+    }
+
+    #[test]
+    fn a_cr0_bit_fixed1_forbids_is_refused() {
+        let mut raw = haswell();
+        raw.cr0_fixed1 &= !(1 << 16); // a hypervisor that cannot run with CR0.WP
+        let err = fixed_cr0(&raw, 0x8001_0031).expect_err("WP forbidden");
+        assert_eq!(err.control, "CR0.WP (bit 16), set by the OS,");
+        assert_eq!(err.msr, "IA32_VMX_CR0_FIXED1");
+    }
+
+    #[test]
+    fn advertised_features_decode_from_their_cpuid_bits() {
+        let a = Advertised::decode(1 << 10, (1 << 22) | (1 << 5), 1 << 3, 1 << 27);
+        assert_eq!(a, ALL);
+        assert_eq!(Advertised::decode(0, 0, 0, 0), NONE);
+    }
+
+    #[test]
+    fn advertised_instruction_without_its_control_is_refused_by_name() {
+        // Haswell's PROCBASED_CTLS2 allows RDTSCP and INVPCID but not XSAVES or user wait.
+        let raw = haswell();
+        let xsaves = Advertised {
+            xsaves: true,
+            ..NONE
+        };
+        let err = controls(&raw, &xsaves).expect_err("XSAVES not allowed");
+        assert_eq!(
+            err.control,
+            "enable XSAVES/XRSTORS (CPUID advertises XSAVES)"
+        );
+        assert_eq!(err.msr, "IA32_VMX_PROCBASED_CTLS2");
+        let wait = Advertised {
+            waitpkg: true,
+            ..NONE
+        };
+        let err = controls(&raw, &wait).expect_err("user wait not allowed");
+        assert_eq!(
+            err.control,
+            "enable user wait and pause (CPUID advertises WAITPKG)"
+        );
+        let ok = Advertised {
+            rdtscp: true,
+            rdpid: true,
+            invpcid: true,
+            ..NONE
+        };
+        assert!(controls(&raw, &ok).is_ok());
+    }
+
+    #[test]
+    fn advertised_instruction_without_secondary_controls_is_refused() {
+        let mut raw = haswell();
+        raw.true_proc &= !(1u64 << 63);
+        let rdpid = Advertised {
+            rdpid: true,
+            ..NONE
+        };
+        let err = controls(&raw, &rdpid).expect_err("no secondary controls");
+        assert_eq!(err.control, "enable RDTSCP (CPUID advertises RDTSCP/RDPID)");
+        assert_eq!(err.msr, "IA32_VMX_TRUE_PROCBASED_CTLS");
+        let invpcid = Advertised {
+            invpcid: true,
+            ..NONE
+        };
+        let err = controls(&raw, &invpcid).expect_err("no secondary controls");
+        assert_eq!(err.control, "enable INVPCID (CPUID advertises INVPCID)");
+    }
+
+    #[test]
+    fn mov_dr_exiting_is_required_and_set() {
+        let c = controls(&haswell(), &NONE).expect("haswell offers it");
+        assert_ne!(c.proc & PrimaryControls::MOV_DR_EXITING.bits(), 0);
+        let mut raw = haswell();
+        raw.true_proc &= !(u64::from(PrimaryControls::MOV_DR_EXITING.bits()) << 32);
+        assert_eq!(
+            controls(&raw, &NONE).expect_err("removed").control,
+            "MOV-DR exiting"
+        );
     }
 
     #[test]
