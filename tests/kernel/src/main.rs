@@ -15,6 +15,7 @@ mod arch;
 mod boot;
 mod console;
 mod control;
+mod debug_regs;
 mod interrupts;
 mod mem;
 mod params;
@@ -58,6 +59,7 @@ extern "C" fn kmain() -> ! {
         "rejected" => "rejected",
         "bench" => "bench",
         "serve" => "serve",
+        "debug-regs" => "debug-regs",
         _ => "unknown",
     };
     report::set_scenario(scenario);
@@ -85,6 +87,7 @@ extern "C" fn kmain() -> ! {
         "rejected" => scenarios::rejected(&p),
         "bench" => scenarios::bench(&p),
         "serve" => control::serve_scenario(&p),
+        "debug-regs" => debug_regs::run(),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())
