@@ -23,11 +23,22 @@ use crate::arch::{msr, regs};
 /// ```
 /// The handler preserves every register (interrupt handlers must); RBP anchors our frame
 /// because no unwinder knows that the callee returns with IRETQ (KVM's vmenter.S does the same).
+/// On the msvc target that anchor is declared as the frame register in unwind data, so WinDbg's
+/// `k` walks from the handler's machine frame (RIP = the return site, RSP = RBP) back into the
+/// exit path.
 #[unsafe(naked)]
 unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u64, cs: u64) {
     core::arch::naked_asm!(
+        #[cfg(windows)]
+        ".seh_proc {this}",               // unwind data for WinDbg (see above)
         "push rbp",                       // anchor: IRETQ brings RSP back to this value
+        #[cfg(windows)]
+        ".seh_pushreg rbp",               //
         "mov rbp, rsp",                   //
+        #[cfg(windows)]
+        ".seh_setframe rbp, 0",           //
+        #[cfg(windows)]
+        ".seh_endprologue",               //
         "test rsi, rsi",                  // DESIGN §3.4: guest CPL 0 -> its stack,
         "jnz 1f",                         //
         "mov rsi, rsp",                   //   CPL 3 -> ours,
@@ -44,6 +55,10 @@ unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u6
         "mov rsp, rbp",                   // (already equal; states the invariant)
         "pop rbp",                        //
         "ret",                            //
+        #[cfg(windows)]
+        ".seh_endproc",                   //
+        #[cfg(windows)]
+        this = sym replay_trampoline,
     )
 }
 
@@ -55,11 +70,21 @@ unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u6
 /// interrupt's frame would go (DESIGN §3.4, as for replay): on the guest's stack at CPL 0, or
 /// NT's "already on the ISR stack?" check fails and its entry overwrites the live frames of a
 /// guest handler that was interrupted.
+/// Unwind data on the msvc target as for [`replay_trampoline`]: the CPU's frame holds RIP =
+/// the return site, and RBP leads back to the VMM stack.
 #[unsafe(naked)]
 unsafe extern "sysv64" fn sti_window_on(window_rsp: u64) {
     core::arch::naked_asm!(
+        #[cfg(windows)]
+        ".seh_proc {this}", // unwind data for WinDbg
         "push rbp",      // anchor for the way back
+        #[cfg(windows)]
+        ".seh_pushreg rbp", //
         "mov rbp, rsp",  //
+        #[cfg(windows)]
+        ".seh_setframe rbp, 0", //
+        #[cfg(windows)]
+        ".seh_endprologue", //
         "test rdi, rdi", // 0: the VMM stack (guest at CPL 3)
         "jz 1f",         //
         "mov rsp, rdi",  // the guest's stack, already aligned down to 16
@@ -72,6 +97,10 @@ unsafe extern "sysv64" fn sti_window_on(window_rsp: u64) {
         "mov rsp, rbp",                // back to the VMM stack
         "pop rbp",                     //
         "ret",                         //
+        #[cfg(windows)]
+        ".seh_endproc",                //
+        #[cfg(windows)]
+        this = sym sti_window_on,
     )
 }
 
