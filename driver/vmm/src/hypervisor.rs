@@ -276,6 +276,11 @@ pub fn virtualize_current_cpu(
         guest_dr7,
         guest_debugctl: debugctl.unwrap_or(0),
         debugctl_msr: debugctl.is_some(),
+        debug_armed: crate::intr::debug::armed(
+            guest_dr7,
+            debugctl.unwrap_or(0),
+            debugctl.is_some(),
+        ),
         md_clear: regs::cpuid(CPUID_EXTENDED_FEATURES, 0)[3] & CPUID_7_EDX_MD_CLEAR != 0,
         vmxon_pa,
         vmcs_pa,

@@ -298,7 +298,7 @@ pub(super) fn handle_dr_access(ctx: &mut ExitCtx<'_>) -> ExitAction {
             // SDM 3B, "Debug Control Register (DR7)": the #DB clears GD and reports BD.
             let mut dr7 = Dr7::from_raw(ctx.root.guest_dr7);
             dr7.set_general_detect(false);
-            ctx.root.guest_dr7 = dr7.raw();
+            ctx.root.set_guest_dr7(dr7.raw());
             ctx.vmcs.set(guest::DR7, dr7.raw());
             let dr6 = regs::read_dr(DR6);
             // SAFETY: DR6 with BD added to what the CPU holds (upper half already 0).
@@ -313,7 +313,7 @@ pub(super) fn handle_dr_access(ctx: &mut ExitCtx<'_>) -> ExitAction {
             set_operand(ctx, gpr, dr7);
         }
         MovDr::WriteDr7(v) => {
-            ctx.root.guest_dr7 = v;
+            ctx.root.set_guest_dr7(v);
             ctx.vmcs.set(guest::DR7, v);
         }
         MovDr::Read(n) => {
@@ -357,7 +357,7 @@ pub(super) fn handle_wrmsr(ctx: &mut ExitCtx<'_>) -> ExitAction {
         let Some(v) = debug::debugctl_write(ctx.regs.edx_eax()) else {
             return inject_gp(ctx);
         };
-        ctx.root.guest_debugctl = v;
+        ctx.root.set_guest_debugctl(v);
         ctx.vmcs.set(guest::IA32_DEBUGCTL_FULL, v);
         skip(ctx);
         return ExitAction::Resume;

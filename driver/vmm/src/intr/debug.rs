@@ -36,6 +36,12 @@ impl Plan {
     }
 }
 
+/// Whether a root call loads anything at all: a breakpoint is armed, or DEBUGCTL is non-zero on
+/// a CPU that has the MSR. False is the common case, and then [`plan`] is not even computed.
+pub fn armed(guest_dr7: u64, guest_debugctl: u64, debugctl_msr: bool) -> bool {
+    Dr7::from_raw(guest_dr7).enables() != 0 || (debugctl_msr && guest_debugctl != 0)
+}
+
 /// What to load before a root call. `debugctl_msr` is false on a CPU without the MSR (Bochs
 /// #GPs on it, DESIGN §7): root then never touches it.
 #[inline(always)]
@@ -150,6 +156,21 @@ mod tests {
         assert_eq!(plan(DR7_AFTER_EXIT, 0b10, true).debugctl, Some(0b10));
         assert_eq!(plan(BP0, 0b10, false).debugctl, None);
         assert_eq!(plan(BP0, 0b10, false).dr7, BP0);
+    }
+
+    #[test]
+    fn armed_agrees_with_the_plan() {
+        for (dr7, dc, msr) in [
+            (DR7_AFTER_EXIT, 0, true),
+            (BP0, 0, true),
+            (DR7_AFTER_EXIT, 2, true),
+            (DR7_AFTER_EXIT, 2, false),
+            (0x000F_0400, 0, true),
+        ] {
+            let p = plan(dr7, dc, msr);
+            let loads = p.loads_dr7() || p.debugctl.is_some_and(|v| v != 0);
+            assert_eq!(armed(dr7, dc, msr), loads, "{dr7:#x} {dc} {msr}");
+        }
     }
 
     #[test]

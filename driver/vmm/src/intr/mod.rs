@@ -11,6 +11,7 @@ pub mod replay;
 
 pub use mode::Mode;
 
+use crate::arch::debug::DR7_AFTER_EXIT;
 use crate::arch::regs;
 use crate::exit::ExitCtx;
 use crate::log_ring::LogKind;
@@ -129,9 +130,15 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     let frame = policy::frame_stack(g.cpl, g.rsp);
     let (kcs, kss) = (ctx.root.kernel_cs, ctx.root.kernel_ss);
     let old = raise_to_dispatch(ctx.root, g.cr8);
-    let plan = enter_guest_debug(ctx.root);
+    let armed = ctx.root.debug_armed;
+    if armed {
+        enter_guest_debug(ctx.root);
+    }
     let result = replay::call_gate(gate, v, limit, kcs, kss, frame);
-    leave_guest_debug(ctx, &plan);
+    let dr7 = regs::dr7();
+    if armed || dr7 != DR7_AFTER_EXIT {
+        leave_guest_debug(ctx, dr7);
+    }
     restore_irql(ctx.root, old);
     if policy::clears_buffers_after_replay(g.cpl, ctx.root.md_clear) {
         // The handler ran kernel code for an interrupt from user mode; NT's own return to user
@@ -195,28 +202,41 @@ fn restore_irql(root: &crate::cpu::RootState, old: u8) {
 }
 
 /// Gives the guest's handlers that root is about to run the guest's DR7 and DEBUGCTL
-/// ([`debug`]); nothing to do in the common case.
-#[inline(always)]
-fn enter_guest_debug(root: &crate::cpu::RootState) -> debug::Plan {
-    let plan = debug::plan(root.guest_dr7, root.guest_debugctl, root.debugctl_msr);
-    replay::load_guest_debug(&plan);
-    plan
+/// ([`debug`]). Only when `RootState::debug_armed`: the common root call skips it.
+#[cold]
+#[inline(never)]
+fn enter_guest_debug(root: &crate::cpu::RootState) {
+    replay::load_guest_debug(&debug::plan(
+        root.guest_dr7,
+        root.guest_debugctl,
+        root.debugctl_msr,
+    ));
 }
 
 /// Writes back to the VMCS what the root call changed in DR7/DEBUGCTL (a debugger's thaw, a
-/// `ba` set or removed inside the handler), so the guest keeps it after VM entry.
-#[inline(always)]
-fn leave_guest_debug(ctx: &mut ExitCtx<'_>, plan: &debug::Plan) {
-    let (dr7, debugctl) = replay::take_guest_debug(plan);
+/// `ba` set or removed inside the handler), so the guest keeps it after VM entry. `dr7` is
+/// what the call left in DR7. Only when something was loaded or DR7 changed: the common root
+/// call costs one MOV from DR7 and a compare.
+#[cold]
+#[inline(never)]
+fn leave_guest_debug(ctx: &mut ExitCtx<'_>, dr7: u64) {
+    // Nothing changes the shadows during a root call (no exit can nest), so this is the plan
+    // `enter_guest_debug` loaded.
+    let plan = debug::plan(
+        ctx.root.guest_dr7,
+        ctx.root.guest_debugctl,
+        ctx.root.debugctl_msr,
+    );
+    let debugctl = replay::take_guest_debug(&plan, dr7);
     if let Some(v) = debug::changed(plan.dr7, dr7) {
         ctx.vmcs.set(guest::DR7, v);
-        ctx.root.guest_dr7 = v;
+        ctx.root.set_guest_dr7(v);
     }
     if let (Some(during), Some(after)) = (plan.debugctl, debugctl)
         && let Some(v) = debug::changed(during, after)
     {
         ctx.vmcs.set(guest::IA32_DEBUGCTL_FULL, v);
-        ctx.root.guest_debugctl = v;
+        ctx.root.set_guest_debugctl(v);
     }
 }
 
@@ -242,14 +262,20 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
             // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
             // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
             let old = raise_to_dispatch(ctx.root, g.cr8);
-            let plan = enter_guest_debug(ctx.root);
+            let armed = ctx.root.debug_armed;
+            if armed {
+                enter_guest_debug(ctx.root);
+            }
             let t0 = regs::rdtsc();
             replay::sti_window(policy::frame_stack(g.cpl, g.rsp));
             ctx.cpu
                 .data
                 .stats
                 .handler_cycles(regs::rdtsc().wrapping_sub(t0));
-            leave_guest_debug(ctx, &plan);
+            let dr7 = regs::dr7();
+            if armed || dr7 != DR7_AFTER_EXIT {
+                leave_guest_debug(ctx, dr7);
+            }
             restore_irql(ctx.root, old);
         }
         StiWindow::GuestTakes => {

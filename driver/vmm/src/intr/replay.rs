@@ -184,11 +184,11 @@ pub fn load_guest_debug(plan: &super::debug::Plan) {
     }
 }
 
-/// After a root call: what the call left in DR7 (and DEBUGCTL, when `plan` touches it). Puts
-/// the exit's values back, so root code outside the call runs without the guest's breakpoints.
+/// After a root call whose DR7 reads `dr7`: puts the exit's DR7 (and DEBUGCTL, when `plan`
+/// touches it) back, so root code outside the call runs without the guest's breakpoints, and
+/// returns what the call left in DEBUGCTL.
 #[inline(always)]
-pub fn take_guest_debug(plan: &super::debug::Plan) -> (u64, Option<u64>) {
-    let dr7 = regs::dr7();
+pub fn take_guest_debug(plan: &super::debug::Plan, dr7: u64) -> Option<u64> {
     if dr7 != DR7_AFTER_EXIT {
         // SAFETY: the value every VM exit loads; disables every breakpoint.
         unsafe { regs::write_dr7(DR7_AFTER_EXIT) };
@@ -205,5 +205,5 @@ pub fn take_guest_debug(plan: &super::debug::Plan) -> (u64, Option<u64>) {
         }
         None => None,
     };
-    (dr7, debugctl)
+    debugctl
 }
