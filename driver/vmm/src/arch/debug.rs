@@ -8,6 +8,8 @@ use bitfield::bitfield;
 /// DR7 after every VM exit (SDM 3C, "Loading Host Control Registers, Debug Registers, MSRs"):
 /// no breakpoint enabled, only the always-one bit 10.
 pub const DR7_AFTER_EXIT: u64 = 0x400;
+/// DR7.LE (local exact): ignored by every CPU since the P6, arms nothing.
+pub const DR7_LE: u64 = 1 << 8;
 /// DR7 bit 10 reads as 1.
 pub const DR7_FIXED1: u64 = 1 << 10;
 /// DR7 bits 12, 14 and 15 read as 0.

@@ -17,12 +17,14 @@
 //! **Runs in:** anywhere (pure).
 #![forbid(unsafe_code)]
 
-use crate::arch::debug::{DEBUGCTL_ACCEPTED, DR7_AFTER_EXIT, DR7_FIXED0, DR7_FIXED1, Dr7};
+use crate::arch::debug::{DEBUGCTL_ACCEPTED, DR7_AFTER_EXIT, DR7_FIXED0, DR7_FIXED1, DR7_LE, Dr7};
 
 /// What the CPU holds during one root call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
-    /// DR7 during the call: the guest's when it arms a breakpoint, else the exit's 0x400.
+    /// DR7 during the call. Not armed: the exit's 0x400, nothing loaded. Armed: the guest's,
+    /// without GD (a MOV DR in root must not fault), and never 0x400 itself (LE is added, which
+    /// arms nothing): so "DR7 ≠ 0x400 after the call" alone tells root to look closer.
     pub dr7: u64,
     /// IA32_DEBUGCTL during the call, when root touches that MSR at all: the guest's value when
     /// it is non-zero or a breakpoint is armed (a debugger is active and may change it).
@@ -46,14 +48,26 @@ pub fn armed(guest_dr7: u64, guest_debugctl: u64, debugctl_msr: bool) -> bool {
 /// #GPs on it, DESIGN §7): root then never touches it.
 #[inline(always)]
 pub fn plan(guest_dr7: u64, guest_debugctl: u64, debugctl_msr: bool) -> Plan {
-    let armed = Dr7::from_raw(guest_dr7).enables() != 0;
-    let dr7 = if armed { guest_dr7 } else { DR7_AFTER_EXIT };
-    let debugctl = if debugctl_msr && (armed || guest_debugctl != 0) {
-        Some(guest_debugctl)
-    } else {
-        None
+    if !armed(guest_dr7, guest_debugctl, debugctl_msr) {
+        return Plan {
+            dr7: DR7_AFTER_EXIT,
+            debugctl: None,
+        };
+    }
+    let mut dr7 = Dr7::from_raw(guest_dr7);
+    dr7.set_general_detect(false);
+    let dr7 = match dr7.raw() {
+        DR7_AFTER_EXIT => DR7_AFTER_EXIT | DR7_LE,
+        v => v,
     };
-    Plan { dr7, debugctl }
+    Plan {
+        dr7,
+        debugctl: if debugctl_msr {
+            Some(guest_debugctl)
+        } else {
+            None
+        },
+    }
 }
 
 /// The value to write back to the VMCS when the call left `after` where it found `during`.
@@ -121,6 +135,7 @@ mod tests {
     use super::*;
 
     const BP0: u64 = DR7_AFTER_EXIT | 1; // L0
+    const DR6_BD_IS_DR7_GD: u64 = 1 << 13;
 
     #[test]
     fn plan_loads_nothing_without_breakpoints_or_debugctl() {
@@ -153,9 +168,23 @@ mod tests {
 
     #[test]
     fn plan_loads_debugctl_alone_and_never_without_the_msr() {
-        assert_eq!(plan(DR7_AFTER_EXIT, 0b10, true).debugctl, Some(0b10));
+        let p = plan(DR7_AFTER_EXIT, 0b10, true);
+        assert_eq!(p.debugctl, Some(0b10));
+        // DR7 arms nothing, but is not the exit's value either: the write-back is reached.
+        assert_eq!(p.dr7, DR7_AFTER_EXIT | DR7_LE);
         assert_eq!(plan(BP0, 0b10, false).debugctl, None);
         assert_eq!(plan(BP0, 0b10, false).dr7, BP0);
+        assert_eq!(
+            plan(DR7_AFTER_EXIT, 0b10, false).dr7,
+            DR7_AFTER_EXIT,
+            "not armed"
+        );
+    }
+
+    #[test]
+    fn plan_never_loads_general_detect() {
+        // GD would make root's own MOV from DR7 after the call fault.
+        assert_eq!(plan(BP0 | DR6_BD_IS_DR7_GD, 0, true).dr7, BP0);
     }
 
     #[test]
@@ -168,8 +197,8 @@ mod tests {
             (0x000F_0400, 0, true),
         ] {
             let p = plan(dr7, dc, msr);
-            let loads = p.loads_dr7() || p.debugctl.is_some_and(|v| v != 0);
-            assert_eq!(armed(dr7, dc, msr), loads, "{dr7:#x} {dc} {msr}");
+            // Armed exactly when the plan puts something other than the exit's DR7 in the CPU.
+            assert_eq!(armed(dr7, dc, msr), p.loads_dr7(), "{dr7:#x} {dc} {msr}");
         }
     }
 

@@ -130,13 +130,14 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     let frame = policy::frame_stack(g.cpl, g.rsp);
     let (kcs, kss) = (ctx.root.kernel_cs, ctx.root.kernel_ss);
     let old = raise_to_dispatch(ctx.root, g.cr8);
-    let armed = ctx.root.debug_armed;
-    if armed {
+    if ctx.root.debug_armed {
         enter_guest_debug(ctx.root);
     }
     let result = replay::call_gate(gate, v, limit, kcs, kss, frame);
+    // Armed or not, a DR7 other than the exit's means there is something to write back or
+    // put back (`debug::plan` never loads the exit's value).
     let dr7 = regs::dr7();
-    if armed || dr7 != DR7_AFTER_EXIT {
+    if dr7 != DR7_AFTER_EXIT {
         leave_guest_debug(ctx, dr7);
     }
     restore_irql(ctx.root, old);
@@ -215,8 +216,8 @@ fn enter_guest_debug(root: &crate::cpu::RootState) {
 
 /// Writes back to the VMCS what the root call changed in DR7/DEBUGCTL (a debugger's thaw, a
 /// `ba` set or removed inside the handler), so the guest keeps it after VM entry. `dr7` is
-/// what the call left in DR7. Only when something was loaded or DR7 changed: the common root
-/// call costs one MOV from DR7 and a compare.
+/// what the call left in DR7, never the exit's 0x400: the common root call costs a byte test
+/// before, one MOV from DR7 and a compare after.
 #[cold]
 #[inline(never)]
 fn leave_guest_debug(ctx: &mut ExitCtx<'_>, dr7: u64) {
@@ -262,8 +263,7 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
             // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
             // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
             let old = raise_to_dispatch(ctx.root, g.cr8);
-            let armed = ctx.root.debug_armed;
-            if armed {
+            if ctx.root.debug_armed {
                 enter_guest_debug(ctx.root);
             }
             let t0 = regs::rdtsc();
@@ -273,7 +273,7 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
                 .stats
                 .handler_cycles(regs::rdtsc().wrapping_sub(t0));
             let dr7 = regs::dr7();
-            if armed || dr7 != DR7_AFTER_EXIT {
+            if dr7 != DR7_AFTER_EXIT {
                 leave_guest_debug(ctx, dr7);
             }
             restore_irql(ctx.root, old);
