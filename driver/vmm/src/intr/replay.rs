@@ -193,7 +193,7 @@ pub fn take_guest_debug(plan: &super::debug::Plan, dr7: u64) -> Option<u64> {
         // SAFETY: the value every VM exit loads; disables every breakpoint.
         unsafe { regs::write_dr7(DR7_AFTER_EXIT) };
     }
-    let debugctl = match plan.debugctl {
+    match plan.debugctl {
         Some(_) => {
             // SAFETY: the MSR exists (`plan` names it only then).
             let now = unsafe { regs::rdmsr(msr::IA32_DEBUGCTL) };
@@ -204,6 +204,5 @@ pub fn take_guest_debug(plan: &super::debug::Plan, dr7: u64) -> Option<u64> {
             Some(now)
         }
         None => None,
-    };
-    debugctl
+    }
 }
