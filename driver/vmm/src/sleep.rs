@@ -12,6 +12,7 @@
 //!
 //! **Runs in:** PASSIVE (the power callback); the per-CPU part at the platform's
 //! `for_each_cpu` level.
+#![forbid(unsafe_code)]
 
 use crate::hypervisor::{self, Config};
 use crate::platform::{CpuIndex, Platform};
