@@ -12,7 +12,7 @@
 //!
 //! **Runs in:** PASSIVE (the power callback); the per-CPU part at the platform's
 //! `for_each_cpu` level.
-#![forbid(unsafe_code)]
+#![cfg_attr(not(test), forbid(unsafe_code))]
 
 use crate::hypervisor::{self, Config};
 use crate::platform::{CpuIndex, Platform};
@@ -112,20 +112,31 @@ pub struct SleepReport {
     pub unreachable: Option<(CpuIndex, Error)>,
 }
 
+/// Runs `leave` on every CPU the platform reaches and counts the outcomes: a failure is
+/// recorded, never returned to `for_each_cpu`, so it does not stop the CPUs after it.
+pub fn leave_every_cpu(
+    platform: &dyn Platform,
+    leave: &(dyn Fn() -> Result<(), Error> + Sync),
+) -> (Tally, Option<(CpuIndex, Error)>) {
+    let tally = spin::Mutex::new(Tally::default());
+    let unreachable = platform
+        .for_each_cpu(&|cpu| {
+            let outcome = leave();
+            tally.lock().record(cpu, outcome);
+            Ok(())
+        })
+        .err();
+    let tally = *tally.lock();
+    (tally, unreachable)
+}
+
 /// System leaving S0: devirtualizes every CPU, trying each one even after a failure.
 pub fn before_sleep() -> SleepReport {
     let virtualized = hypervisor::virtualized_count();
     let mode = hypervisor::first_virtualized_mode().unwrap_or(Mode::Passthrough);
-    let tally = spin::Mutex::new(Tally::default());
-    let unreachable = match hypervisor::platform() {
-        Some(p) => p
-            .for_each_cpu(&|cpu| {
-                let outcome = hypervisor::devirtualize_current_cpu();
-                tally.lock().record(cpu, outcome);
-                Ok(())
-            })
-            .err(),
-        None => None,
+    let (tally, unreachable) = match hypervisor::platform() {
+        Some(p) => leave_every_cpu(p, &hypervisor::devirtualize_current_cpu),
+        None => (Tally::default(), None),
     };
     let next = SleepState::entering(virtualized, mode);
     STATE.store(next.encode(), Ordering::Release);
@@ -134,7 +145,7 @@ pub fn before_sleep() -> SleepReport {
             SleepState::Asleep { mode } => Some(mode),
             SleepState::Awake => None,
         },
-        tally: *tally.lock(),
+        tally,
         unreachable,
     }
 }
@@ -184,6 +195,66 @@ mod tests {
         t.record(CpuIndex(4), Err(Error::TooManyCpus));
         assert_eq!((t.left, t.not_virtualized, t.failed), (2, 1, 2));
         assert_eq!(t.first_failure, Some((CpuIndex(1), Error::Busy)));
+    }
+
+    extern crate std;
+    use core::sync::atomic::AtomicU32;
+
+    /// Runs the closure on CPUs 0..4 in order, stopping at the first error as NT's loop does.
+    struct FourCpus(AtomicU32);
+
+    impl Platform for FourCpus {
+        fn alloc_pages(&self, _: usize) -> Result<core::ptr::NonNull<u8>, crate::PlatformError> {
+            unreachable!()
+        }
+        unsafe fn free_pages(&self, _: core::ptr::NonNull<u8>, _: usize) {}
+        fn virt_to_phys(&self, _: core::ptr::NonNull<u8>) -> crate::PhysAddr {
+            unreachable!()
+        }
+        fn cpu_count(&self) -> u32 {
+            4
+        }
+        fn current_cpu(&self) -> CpuIndex {
+            CpuIndex(self.0.load(Ordering::Relaxed))
+        }
+        fn for_each_cpu(
+            &self,
+            f: &(dyn Fn(CpuIndex) -> Result<(), Error> + Sync),
+        ) -> Result<(), (CpuIndex, Error)> {
+            for i in 0..4 {
+                self.0.store(i, Ordering::Relaxed);
+                f(CpuIndex(i)).map_err(|e| (CpuIndex(i), e))?;
+            }
+            Ok(())
+        }
+        fn log(&self, _: core::fmt::Arguments<'_>) {}
+        fn fatal(&self, _: &crate::FatalState) -> ! {
+            unreachable!()
+        }
+        fn host_cr3(&self) -> u64 {
+            unreachable!()
+        }
+        fn apic(&self) -> crate::ApicAccess {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_cpu_that_cannot_leave_does_not_stop_the_others() {
+        let platform = FourCpus(AtomicU32::new(0));
+        let tried = AtomicU32::new(0);
+        let (tally, unreachable) = leave_every_cpu(&platform, &|| {
+            tried.fetch_add(1, Ordering::Relaxed);
+            match platform.current_cpu().0 {
+                1 => Err(Error::Busy),
+                3 => Err(Error::NotVirtualized),
+                _ => Ok(()),
+            }
+        });
+        assert_eq!(tried.load(Ordering::Relaxed), 4, "every CPU tried");
+        assert_eq!((tally.left, tally.failed, tally.not_virtualized), (2, 1, 1));
+        assert_eq!(tally.first_failure, Some((CpuIndex(1), Error::Busy)));
+        assert_eq!(unreachable, None);
     }
 
     #[test]
