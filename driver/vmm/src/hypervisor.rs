@@ -220,8 +220,8 @@ pub fn virtualize_current_cpu(
     let controls = caps::controls(&raw, &advertised()).map_err(Error::Unsupported)?;
     let cr0 = regs::cr0();
     let cr4 = regs::cr4();
-    let vmx_cr0 = caps::fixed_cr0(&raw, cr0).map_err(Error::Unsupported)?;
-    let vmx_cr4 = caps::fixed_cr4(&raw, cr4).map_err(Error::Unsupported)?;
+    let vmx_cr0 = vmx::fixed::fixed_cr0(&raw, cr0).map_err(Error::Unsupported)?;
+    let vmx_cr4 = vmx::fixed::fixed_cr4(&raw, cr4).map_err(Error::Unsupported)?;
     let features = *FEATURES.call_once(|| caps::features(&raw, outer));
     caps::mode_supported(config.mode, &features).map_err(Error::Unsupported)?;
     CR4_FIXED0.store(raw.cr4_fixed0, Ordering::Relaxed);
@@ -315,7 +315,7 @@ pub fn virtualize_current_cpu(
         e
     };
     // SAFETY: the fixed bits only add what VMX operation requires (NE, PE/PG already set, VMXE);
-    // caps::fixed_cr0/fixed_cr4 refused above any OS bit FIXED1 would have cleared.
+    // vmx::fixed::fixed_cr0/fixed_cr4 refused above any OS bit FIXED1 would have cleared.
     unsafe { regs::write_cr0(vmx_cr0) };
     // SAFETY: as above.
     unsafe { regs::write_cr4(vmx_cr4) };
