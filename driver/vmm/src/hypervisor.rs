@@ -126,8 +126,8 @@ pub fn vmx_availability(
 
 /// What CPUID advertises to the OS among the instructions that need a secondary control.
 fn advertised() -> caps::Advertised {
-    let max = regs::cpuid(0, 0)[0];
-    let max_ext = regs::cpuid(0x8000_0000, 0)[0];
+    let max = regs::cpuid(caps::cpuid::LEAF_MAX_BASIC, 0)[0];
+    let max_ext = regs::cpuid(caps::cpuid::LEAF_MAX_EXTENDED, 0)[0];
     let l7 = if max >= caps::cpuid::LEAF_EXTENDED_FEATURES {
         regs::cpuid(caps::cpuid::LEAF_EXTENDED_FEATURES, 0)
     } else {

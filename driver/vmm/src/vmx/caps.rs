@@ -99,6 +99,10 @@ pub struct Advertised {
 
 /// CPUID leaves and bits behind [`Advertised`] (SDM 2A, "CPUID—CPU Identification").
 pub mod cpuid {
+    /// Highest basic leaf (EAX).
+    pub const LEAF_MAX_BASIC: u32 = 0;
+    /// Highest extended leaf (EAX).
+    pub const LEAF_MAX_EXTENDED: u32 = 0x8000_0000;
     /// Structured extended features.
     pub const LEAF_EXTENDED_FEATURES: u32 = 7;
     /// Processor extended state enumeration (subleaf 1).
