@@ -21,9 +21,12 @@ pub const SYNTHETIC_MSR_LAST: u32 = 0x4000_FFFF;
 /// "MSR-Bitmap Address": read-low, read-high, write-low, write-high, 1 KiB each).
 const BITMAP_WRITE_LOW: usize = 2048;
 
-/// Byte and bit of the MSR-bitmap page that makes WRMSR of `msr` (0..0x1FFF) exit.
+/// The bitmap's low range covers MSRs 0..=0x1FFF.
+const BITMAP_LOW_LAST: u32 = 0x1FFF;
+
+/// Byte and bit of the MSR-bitmap page that makes WRMSR of `msr` (0..=0x1FFF) exit.
 pub const fn bitmap_write_bit(msr: u32) -> (usize, u8) {
-    let low = (msr & 0x1FFF) as usize;
+    let low = (msr & BITMAP_LOW_LAST) as usize;
     (BITMAP_WRITE_LOW + low / 8, (low % 8) as u8)
 }
 
