@@ -47,6 +47,7 @@ pub mod hypervisor;
 pub mod intr;
 pub mod log_ring;
 pub mod platform;
+pub mod sleep;
 pub mod stats;
 pub mod vmx;
 
@@ -68,6 +69,12 @@ pub enum Error {
     ForeignHypervisor,
     /// CR4.FRED is set: the IDT is not used for delivery, replay cannot work.
     FredEnabled,
+    /// A hypervisor other than Hyper-V runs the OS and does not expose VT-x to it (nested VT-x
+    /// off); `vendor` is its CPUID 0x4000_0000 signature.
+    NestedVmxHidden {
+        /// EBX:ECX:EDX of CPUID 0x4000_0000.
+        vendor: [u8; 12],
+    },
     /// The CPU is not virtualized (or was already devirtualized).
     NotVirtualized,
     /// The CPU is already virtualized.
@@ -109,6 +116,18 @@ impl core::fmt::Display for Error {
             }
             Error::FredEnabled => {
                 f.write_str("CR4.FRED is set: interrupts bypass the IDT, replay cannot work")
+            }
+            Error::NestedVmxHidden { vendor } => {
+                f.write_str("VT-x is not exposed by the outer hypervisor \"")?;
+                for &b in vendor.iter().filter(|b| **b != 0) {
+                    let c = if b.is_ascii_graphic() || b == b' ' {
+                        b as char
+                    } else {
+                        '?'
+                    };
+                    write!(f, "{c}")?;
+                }
+                f.write_str("\": expose VT-x to this VM (nested virtualization) in its settings")
             }
             Error::NotVirtualized => f.write_str("processor is not virtualized"),
             Error::AlreadyVirtualized => f.write_str("processor is already virtualized"),

@@ -606,6 +606,7 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
     // SAFETY: state is consistent (counted, marks set); higher classes may nest now.
     unsafe { arch::sti() };
 
+    crate::debug_regs::on_handler(vector, in_root);
     action(vector, cpu);
 
     arch::cli();
@@ -646,6 +647,9 @@ impl percpu::Cpu {
 extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
     let cpu = this_cpu();
     let vector = frame.vector;
+    if vector == crate::debug_regs::DB_VECTOR && crate::debug_regs::on_debug_exception(frame) {
+        return;
+    }
     let kernel_rsp = cpu.user.kernel_rsp.load(Ordering::Relaxed);
     if frame.cs & 3 == 3 && kernel_rsp != 0 {
         // End of a ring-3 excursion: note what happened and return into `user::enter`'s tail

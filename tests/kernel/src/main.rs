@@ -15,6 +15,7 @@ mod arch;
 mod boot;
 mod console;
 mod control;
+mod debug_regs;
 mod interrupts;
 mod mem;
 mod misdirected;
@@ -61,6 +62,7 @@ extern "C" fn kmain() -> ! {
         "bench" => "bench",
         "serve" => "serve",
         "misdirected-eoi" => "misdirected-eoi",
+        "debug-regs" => "debug-regs",
         _ => "unknown",
     };
     report::set_scenario(scenario);
@@ -89,6 +91,7 @@ extern "C" fn kmain() -> ! {
         "bench" => scenarios::bench(&p),
         "serve" => control::serve_scenario(&p),
         "misdirected-eoi" => misdirected::scenario(&p),
+        "debug-regs" => debug_regs::run(),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())

@@ -121,6 +121,8 @@ impl CoreFailure {
     pub const BUSY: u32 = 11;
     /// More CPUs than the core's table holds.
     pub const TOO_MANY_CPUS: u32 = 12;
+    /// An outer hypervisor other than Hyper-V does not expose VT-x (nested VT-x off).
+    pub const NESTED_VMX_HIDDEN: u32 = 13;
 
     /// Converts a core error; the one place `Error` becomes a number (exhaustive, no `_`, so a
     /// new core variant cannot travel unnamed).
@@ -134,6 +136,7 @@ impl CoreFailure {
             Error::VmxLockedOff => (Self::VMX_LOCKED_OFF, 0),
             Error::ForeignHypervisor => (Self::FOREIGN_HYPERVISOR, 0),
             Error::FredEnabled => (Self::FRED_ENABLED, 0),
+            Error::NestedVmxHidden { .. } => (Self::NESTED_VMX_HIDDEN, 0),
             Error::NotVirtualized => (Self::NOT_VIRTUALIZED, 0),
             Error::AlreadyVirtualized => (Self::ALREADY_VIRTUALIZED, 0),
             Error::Unsupported(_) => (Self::UNSUPPORTED, 0),
@@ -159,6 +162,7 @@ impl CoreFailure {
             Self::VMX_INSTRUCTION => "a VMX instruction failed",
             Self::BUSY => "vectors are still pending; retry",
             Self::TOO_MANY_CPUS => "more CPUs than the hypervisor's table holds",
+            Self::NESTED_VMX_HIDDEN => "the outer hypervisor does not expose VT-x",
             _ => "unknown core error",
         }
     }
@@ -464,6 +468,13 @@ mod tests {
             ),
             (Error::Busy, CoreFailure::BUSY, 0),
             (Error::TooManyCpus, CoreFailure::TOO_MANY_CPUS, 0),
+            (
+                Error::NestedVmxHidden {
+                    vendor: *b"VMwareVMware",
+                },
+                CoreFailure::NESTED_VMX_HIDDEN,
+                0,
+            ),
         ];
         let mut kinds = std::vec::Vec::new();
         for (e, kind, detail) in cases {

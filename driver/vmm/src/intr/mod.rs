@@ -2,6 +2,7 @@
 //!
 //! **Runs in:** VMX root (IF=0, guest CR8), except `mode` and [`policy`], which are pure.
 
+pub mod debug;
 pub mod inject;
 mod mode;
 pub mod pending;
@@ -11,6 +12,7 @@ pub mod vector_policy;
 
 pub use mode::Mode;
 
+use crate::arch::debug::DR7_AFTER_EXIT;
 use crate::arch::regs;
 use crate::exit::ExitCtx;
 use crate::log_ring::LogKind;
@@ -140,8 +142,22 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     let frame = policy::frame_stack(g.cpl, g.rsp);
     let (kcs, kss) = (ctx.root.kernel_cs, ctx.root.kernel_ss);
     let old = raise_to_dispatch(ctx.root, g.cr8);
+    if ctx.root.debug_armed {
+        enter_guest_debug(ctx.root);
+    }
     let result = replay::call_gate(gate, v, limit, kcs, kss, frame);
+    // Armed or not, a DR7 other than the exit's means there is something to write back or
+    // put back (`debug::plan` never loads the exit's value).
+    let dr7 = regs::dr7();
+    if dr7 != DR7_AFTER_EXIT {
+        leave_guest_debug(ctx, dr7);
+    }
     restore_irql(ctx.root, old);
+    if policy::clears_buffers_after_replay(g.cpl, ctx.root.md_clear) {
+        // The handler ran kernel code for an interrupt from user mode; NT's own return to user
+        // mode would clear CPU buffers (MDS) there, and the guest now resumes at CPL 3.
+        regs::verw(ctx.root.kernel_ss);
+    }
     match result {
         Ok(cycles) => {
             ctx.cpu.data.stats.replay(v.0);
@@ -198,6 +214,45 @@ fn restore_irql(root: &crate::cpu::RootState, old: u8) {
     }
 }
 
+/// Gives the guest's handlers that root is about to run the guest's DR7 and DEBUGCTL
+/// ([`debug`]). Only when `RootState::debug_armed`: the common root call skips it.
+#[cold]
+#[inline(never)]
+fn enter_guest_debug(root: &crate::cpu::RootState) {
+    replay::load_guest_debug(&debug::plan(
+        root.guest_dr7,
+        root.guest_debugctl,
+        root.debugctl_msr,
+    ));
+}
+
+/// Writes back to the VMCS what the root call changed in DR7/DEBUGCTL (a debugger's thaw, a
+/// `ba` set or removed inside the handler), so the guest keeps it after VM entry. `dr7` is
+/// what the call left in DR7, never the exit's 0x400: the common root call costs a byte test
+/// before, one MOV from DR7 and a compare after.
+#[cold]
+#[inline(never)]
+fn leave_guest_debug(ctx: &mut ExitCtx<'_>, dr7: u64) {
+    // Nothing changes the shadows during a root call (no exit can nest), so this is the plan
+    // `enter_guest_debug` loaded.
+    let plan = debug::plan(
+        ctx.root.guest_dr7,
+        ctx.root.guest_debugctl,
+        ctx.root.debugctl_msr,
+    );
+    let debugctl = replay::take_guest_debug(&plan, dr7);
+    if let Some(v) = debug::changed(plan.dr7, dr7) {
+        ctx.vmcs.set(guest::DR7, v);
+        ctx.root.set_guest_dr7(v);
+    }
+    if let (Some(during), Some(after)) = (plan.debugctl, debugctl)
+        && let Some(v) = debug::changed(during, after)
+    {
+        ctx.vmcs.set(guest::IA32_DEBUGCTL_FULL, v);
+        ctx.root.set_guest_debugctl(v);
+    }
+}
+
 /// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
 #[inline(always)]
 fn wake(ctx: &ExitCtx<'_>, g: &GuestView) {
@@ -220,12 +275,19 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
             // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
             // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
             let old = raise_to_dispatch(ctx.root, g.cr8);
+            if ctx.root.debug_armed {
+                enter_guest_debug(ctx.root);
+            }
             let t0 = regs::rdtsc();
             replay::sti_window(policy::frame_stack(g.cpl, g.rsp));
             ctx.cpu
                 .data
                 .stats
                 .handler_cycles(regs::rdtsc().wrapping_sub(t0));
+            let dr7 = regs::dr7();
+            if dr7 != DR7_AFTER_EXIT {
+                leave_guest_debug(ctx, dr7);
+            }
             restore_irql(ctx.root, old);
         }
         StiWindow::GuestTakes => {

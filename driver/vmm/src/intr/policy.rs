@@ -235,6 +235,14 @@ pub fn sti_window(
     }
 }
 
+/// Issue 8: after a replay that interrupted user mode (CPL 3), clear CPU buffers with VERW
+/// before VM entry when the CPU enumerates MD_CLEAR. NT's own return to user mode would have
+/// done it; the guest resumes at CPL 3 without passing through that code. Only that path: a
+/// CPL-0 guest resumes in the kernel, where NT does not clear them either.
+pub const fn clears_buffers_after_replay(cpl: u8, md_clear: bool) -> bool {
+    cpl == 3 && md_clear
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,5 +606,12 @@ mod tests {
             sti_window(Some(Vector(0x61)), &guest(), &table),
             StiWindow::Open
         );
+    }
+
+    #[test]
+    fn verw_only_after_a_cpl3_replay_with_md_clear() {
+        assert!(clears_buffers_after_replay(3, true));
+        assert!(!clears_buffers_after_replay(3, false));
+        assert!(!clears_buffers_after_replay(0, true));
     }
 }

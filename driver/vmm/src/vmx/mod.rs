@@ -5,6 +5,7 @@
 
 pub mod caps;
 pub mod fields;
+pub mod fixed;
 pub mod vmcs;
 
 use crate::arch::{msr, regs};
