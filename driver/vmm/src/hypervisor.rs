@@ -483,6 +483,18 @@ pub fn cpu_state(cpu: CpuIndex) -> Option<CpuState> {
     })
 }
 
+/// The mode CPU `cpu` has applied, `None` when it is not virtualized. One atomic load, so an
+/// interrupt handler may ask which mode delivered it.
+pub fn applied_mode(cpu: CpuIndex) -> Option<Mode> {
+    with_cpu(cpu, |p| p.applied_mode())
+}
+
+/// Exits on CPU `cpu` that re-armed external-interrupt exiting after an exit-sti hand-over
+/// (`stats::Stats::exiting_resumes`), `None` when it is not virtualized.
+pub fn exiting_resumes(cpu: CpuIndex) -> Option<u64> {
+    with_cpu(cpu, |p| p.data.stats.exiting_resumes())
+}
+
 /// Takes the root-mode log records of one CPU, oldest first.
 pub fn drain_log(cpu: CpuIndex, f: impl FnMut(crate::log_ring::Record)) -> Option<u64> {
     with_cpu(cpu, |p| {

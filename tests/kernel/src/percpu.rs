@@ -118,7 +118,8 @@ struct Tables {
 pub struct VectorCounts(pub [AtomicU32; 256]);
 
 impl VectorCounts {
-    const fn new() -> Self {
+    /// All zero.
+    pub const fn new() -> Self {
         Self([const { AtomicU32::new(0) }; 256])
     }
     /// Count of `v`.
@@ -130,7 +131,8 @@ impl VectorCounts {
         let c = &self.0[usize::from(v)];
         c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     }
-    fn reset(&self) {
+    /// Zeroes every vector.
+    pub fn reset(&self) {
         for c in &self.0 {
             c.store(0, Ordering::Relaxed);
         }
@@ -142,7 +144,8 @@ impl VectorCounts {
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    const fn new() -> Self {
+    /// Zero.
+    pub const fn new() -> Self {
         Self(AtomicU64::new(0))
     }
     /// Current value.
@@ -153,7 +156,8 @@ impl Counter {
     pub fn bump(&self) {
         self.0.store(self.get().wrapping_add(1), Ordering::Relaxed);
     }
-    fn reset(&self) {
+    /// Back to zero.
+    pub fn reset(&self) {
         self.0.store(0, Ordering::Relaxed);
     }
 }
@@ -199,6 +203,8 @@ pub struct IntrCounts {
     pub spurious: Counter,
     /// Last violation, for the report: vector << 56 | interrupted RIP.
     pub last_violation: AtomicU64,
+    /// The books the core's statistics are compared with (`books`).
+    pub books: crate::books::Books,
 }
 
 impl IntrCounts {
@@ -223,6 +229,7 @@ impl IntrCounts {
             unexpected: Counter::new(),
             spurious: Counter::new(),
             last_violation: AtomicU64::new(0),
+            books: crate::books::Books::new(),
         }
     }
 
@@ -257,6 +264,7 @@ impl IntrCounts {
             c.store(0, Ordering::Relaxed);
         }
         self.last_violation.store(0, Ordering::Relaxed);
+        self.books.reset();
     }
 
     /// Interrupts of `v` raised on this CPU by this CPU but not yet handled.
