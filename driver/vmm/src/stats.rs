@@ -2,7 +2,7 @@
 //! root-mode cycle cost of external-interrupt exits.
 //!
 //! One writer (root mode on the owning CPU) updates with a Relaxed load + store (no LOCK on
-//! the exit path, STYLE §2.8); any CPU may read a [`Snapshot`] at PASSIVE.
+//! the exit path, DESIGN §8); any CPU may read a [`Snapshot`] at PASSIVE.
 //!
 //! **Runs in:** VMX root (record), anywhere (snapshot, merge).
 #![forbid(unsafe_code)]

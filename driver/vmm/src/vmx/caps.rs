@@ -252,7 +252,7 @@ pub const fn fixed_cr4(raw: &RawCaps, cr4: u64) -> u64 {
 pub(crate) mod tests {
     use super::*;
 
-    /// Bochs corei7_haswell_4770's values (shared/reference/bochs-prototype/REPORT.md).
+    /// Bochs corei7_haswell_4770's values (read from Bochs 2.7 running that model).
     pub(crate) fn haswell() -> RawCaps {
         RawCaps {
             basic: 0x00d8_1000_0000_002b,
