@@ -185,8 +185,6 @@ pub struct IntrCounts {
     /// Cross-CPU IPIs this CPU sent, by target CPU index (always its own vector,
     /// `interrupts::cross_vector(self)`).
     pub sent_to: [AtomicU32; MAX_CPUS],
-    /// Replays while this CPU ran at CPL 3 (the core built the frame on its own stack).
-    pub replayed_from_ring3: Counter,
     /// Ring-3 excursions that did not end where they should.
     pub ring3_bad_exits: Counter,
     /// A handler ran while the code it interrupted had IF=0 or CR8 ≥ its class.
@@ -220,7 +218,6 @@ impl IntrCounts {
             nested: VectorCounts::new(),
             replayed_nested: VectorCounts::new(),
             sent_to: [const { AtomicU32::new(0) }; MAX_CPUS],
-            replayed_from_ring3: Counter::new(),
             ring3_bad_exits: Counter::new(),
             ctx_violations: Counter::new(),
             canary_broken: Counter::new(),
@@ -249,7 +246,6 @@ impl IntrCounts {
             v.reset();
         }
         for c in [
-            &self.replayed_from_ring3,
             &self.ring3_bad_exits,
             &self.ctx_violations,
             &self.canary_broken,
