@@ -1,8 +1,15 @@
 //! `ACKVISOR_TEST_MODES`: the interrupt modes the multi-CPU and `control` tests go through.
 //! A name that is not a mode fails the run: a typo would otherwise quietly test less.
 
-/// Every mode, in `Mode as u32` order (the kernel's `modes` param takes a bit per index).
-pub const ALL: [&str; 4] = ["passthrough", "exit-sti", "ack-replay", "ack-inject"];
+use ackvisor_vmm::Mode;
+
+/// Every mode's name, in `Mode as u32` order (the kernel's `modes` param takes a bit per index).
+pub const ALL: [&str; 4] = [
+    Mode::ALL[0].name(),
+    Mode::ALL[1].name(),
+    Mode::ALL[2].name(),
+    Mode::ALL[3].name(),
+];
 
 /// Parses a comma list of mode names; empty (or only blanks) means all four. Unknown names are
 /// an error naming them.
@@ -51,6 +58,13 @@ pub fn bits(modes: &[&str]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_follow_the_cores_mode_numbers() {
+        for (i, name) in ALL.iter().enumerate() {
+            assert_eq!(Mode::from_name(name).map(|m| m as usize), Some(i));
+        }
+    }
 
     #[test]
     fn empty_means_all_four() {

@@ -4,7 +4,7 @@
 
 use ackvisor_runner::{RunOutput, RunSpec, Verdict, run_shared};
 
-const MODES: [&str; 4] = ["passthrough", "exit-sti", "ack-replay", "ack-inject"];
+use ackvisor_runner::modes::ALL as MODES;
 
 /// The modes multi-CPU runs go through: `ACKVISOR_TEST_MODES` (comma list; an unknown name
 /// fails) or all four, and the kernel's `modes` param for them.
