@@ -93,7 +93,7 @@ pub fn record(cpu: &Cpu, vector: u8, origin: Origin, depth: u32) {
     let b = of(cpu);
     if matches!(origin, Origin::Guest | Origin::Replayed) {
         let index = CpuIndex(cpu.index.load(Ordering::Relaxed));
-        if hypervisor::applied_mode(index).is_some_and(|m| m.acks_on_exit()) {
+        if hypervisor::cpu_mode(index).is_some_and(|m| m.acks_on_exit()) {
             b.acked.bump(vector);
         }
     }

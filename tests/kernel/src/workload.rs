@@ -451,10 +451,10 @@ impl Tally {
             t.cycles_sum = s.cycles_sum;
             t.cycles_max = s.cycles_max;
             t.handler_cycles_sum = s.handler_cycles_sum;
-            t.exiting_resumes = ackvisor_vmm::hypervisor::exiting_resumes(ackvisor_vmm::CpuIndex(
-                cpu.index.load(Ordering::Relaxed),
-            ))
-            .unwrap_or(0);
+            let index = ackvisor_vmm::CpuIndex(cpu.index.load(Ordering::Relaxed));
+            t.exiting_resumes =
+                ackvisor_vmm::hypervisor::with_cpu_counters(index, |_, s| s.exiting_resumes())
+                    .unwrap_or(0);
         }
         t
     }
