@@ -13,12 +13,13 @@
 //!    goes straight to [`intr::on_external_interrupt`], the rest through the handler table.
 //! 4. It decodes [`vmx::fields::ExitIntrInfo`] (invalid or not type 0: an anomaly in [`stats`]
 //!    and [`log_ring`]) and calls [`intr::policy::decide`] with the guest's IF, blocking, CPL,
-//!    CR8 and activity state.
+//!    CR8 and activity state ([`intr::spurious`] exempts the LAPIC's spurious vector from CR8).
 //! 5. Defer: [`intr::pending::PendingSet`] keeps V (one count per acknowledge); interrupt-window
 //!    or CR8-load exiting ([`intr::inject::set_waits`]) brings it back to [`intr::on_window`].
 //! 6. Inject (class ≤ DISPATCH, rejected gate, NMI blocking, a vector whose
 //!    [`intr::vector_policy`] says inject now, or mode `ack-inject`):
-//!    [`intr::inject::external`] writes [`vmx::fields::EntryIntrInfo`].
+//!    [`intr::wake::inject_external`] writes [`vmx::fields::EntryIntrInfo`] and wakes a halted
+//!    guest, through [`vmx::access::VmcsAccess`] so unit tests can watch it.
 //! 7. Replay: the gate from *this* CPU's IDT ([`intr::replay::read_gate`]) is checked by
 //!    [`intr::policy::validate_gate`]; [`intr::policy::frame_stack`] picks the stack;
 //!    IRQL goes to ≥ 2 ([`Platform::raise_irql`]); [`intr::replay::call_gate`] builds the frame

@@ -494,7 +494,7 @@ fn action(vector: u8, cpu: &percpu::Cpu) {
 
 /// Where a handler run was entered from.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
+pub enum Origin {
     /// Guest (or native before virtualization): delivered by the CPU or injected.
     Guest,
     /// The core's replay trampoline called the gate.
@@ -511,10 +511,6 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
     let vector = frame.tag as u8;
     let variant = (frame.tag >> 8) as u8;
     let c = &cpu.counts;
-    if vector == apic::SPURIOUS_VECTOR {
-        c.spurious.bump(); // no EOI for the spurious vector
-        return;
-    }
     if vector == crate::misdirected::DPC_CLASS_VECTOR {
         crate::misdirected::on_dpc_class_vector(cpu);
         return;
@@ -537,7 +533,9 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
         cpu.ctx_if_off.load(Ordering::Relaxed),
         cpu.ctx_cr8.load(Ordering::Relaxed),
     );
-    if ctx_if_off || class <= ctx_cr8 {
+    // The spurious vector is gated by IF alone: the task priority is what produces it.
+    let spurious = vector == apic::SPURIOUS_VECTOR;
+    if ctx_if_off || (class <= ctx_cr8 && !spurious) {
         c.ctx_violations.bump();
         cpu.last_violation(vector, frame.rip);
     }
@@ -563,10 +561,6 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
             c.replayed_nested.bump(vector);
         }
     }
-    if origin == Origin::Replayed && depth == 0 && cpu.user.kernel_rsp.load(Ordering::Relaxed) != 0
-    {
-        c.replayed_from_ring3.bump();
-    }
     if origin == Origin::Replayed && entry_cr8 < DISPATCH_CLASS {
         c.replay_low_cr8.bump(vector);
     }
@@ -576,6 +570,14 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
     }
     if vector == PER_CPU_VECTOR && u32::from(variant) != cpu.index.load(Ordering::Relaxed) {
         c.wrong_idt.bump();
+    }
+    crate::books::record(cpu, vector, origin, depth);
+    if spurious {
+        // Counted like every delivery (where it ran, which exit brought it), but it set no ISR
+        // bit: no EOI, no priority change, no body (SDM 3A "Spurious Interrupt").
+        c.spurious.bump();
+        cpu.ctx_if_off.store(ctx_if_off, Ordering::Relaxed);
+        return;
     }
     if !SOURCE_VECTORS.contains(&vector) {
         c.unexpected.bump();

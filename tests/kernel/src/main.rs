@@ -12,6 +12,7 @@
 
 mod apic;
 mod arch;
+mod books;
 mod boot;
 mod console;
 mod control;
@@ -81,6 +82,17 @@ extern "C" fn kmain() -> ! {
     }
     // SAFETY: the IDT, the per-CPU state and the LAPIC are ready for interrupts.
     unsafe { arch::sti() };
+    if p.rejected != 0 {
+        // A param the kernel does not know would otherwise run the scenario with a default and
+        // let a test pass on something it never asked for.
+        report::Line::new(scenario)
+            .kv("fatal", 1)
+            .kv("params_rejected", p.rejected)
+            .kv("first_rejected", p.first_rejected())
+            .print();
+        report::Line::new(scenario).kv("end", 1).print();
+        console::shutdown()
+    }
     match scenario {
         "boot" => scenarios::boot(&p),
         "modes" => scenarios::modes(&p, false),

@@ -322,6 +322,25 @@ tally! {
     cycles_sum,
     /// Core: root cycles inside replayed handlers.
     handler_cycles_sum,
+    /// Runs beyond what was raised: Σ max(ran − raised, 0) over counted vectors, plus runs of
+    /// vectors nobody raises (the spurious vector aside, which has its own field).
+    unraised,
+    /// Deliveries of the LAPIC's spurious vector (no EOI; in the core's books like any vector).
+    spurious,
+    /// Clock deliveries of an arming that had already been delivered.
+    clock_dups,
+    /// Cross-CPU IPIs this CPU sent.
+    cross_sent,
+    /// Cross-CPU IPIs this CPU handled.
+    cross_handled,
+    /// Runs delivered by an acknowledging exit (the core's per-vector books must match them).
+    acked,
+    /// exit-sti window runs that interrupted a live guest handler.
+    sti_window_nested,
+    /// exit-sti window runs whose exit had valid interruption info.
+    sti_window_info_valid,
+    /// Core: exits that re-armed external-interrupt exiting after an exit-sti hand-over.
+    exiting_resumes,
 }
 
 fn bits(regs: [u32; 8]) -> u64 {
@@ -371,11 +390,13 @@ impl Tally {
             undrained: u64::from(!drained),
             ..Tally::default()
         };
+        let books = crate::books::of(cpu);
         for v in counted_vectors() {
             let (raised, runs) = (u64::from(cpu.raised(v)), u64::from(c.runs.get(v)));
             t.raised += raised;
             t.ran += runs;
-            t.lost += diff(raised, runs);
+            t.lost += raised.saturating_sub(runs);
+            t.unraised += runs.saturating_sub(raised);
         }
         // Only meaningful while virtualized (with the core's snapshot at hand).
         let policy = core.and_then(|_| {
@@ -388,6 +409,23 @@ impl Tally {
                 .as_ref()
                 .is_none_or(|p| p.policy(Vector(v)) == VectorPolicy::Replay)
         };
+        for v in 0..=255u8 {
+            if !SOURCE_VECTORS.contains(&v) && v != apic::SPURIOUS_VECTOR {
+                t.unraised += u64::from(c.runs.get(v));
+            }
+            if crate::interrupts::cross_sender(v).is_some() {
+                t.cross_handled += u64::from(c.runs.get(v));
+            }
+        }
+        t.spurious = u64::from(c.runs.get(apic::SPURIOUS_VECTOR));
+        t.cross_sent = c
+            .sent_to
+            .iter()
+            .map(|s| u64::from(s.load(Ordering::Relaxed)))
+            .sum();
+        t.clock_dups = books.clock_dups.get();
+        t.sti_window_nested = books.sti_window_nested.get();
+        t.sti_window_info_valid = books.sti_window_info_valid.get();
         for v in 0..=255u8 {
             let guest = u64::from(c.guest.get(v));
             t.guest += guest;
@@ -404,16 +442,22 @@ impl Tally {
             t.replay_low_cr8 += u64::from(c.replay_low_cr8.get(v));
             t.nested += u64::from(c.nested.get(v));
             t.replayed_nested += u64::from(c.replayed_nested.get(v));
+            let acked = u64::from(books.acked.get(v));
+            t.acked += acked;
             if let Some(s) = core {
+                // Every run an acknowledging exit brought was one exit, and either a replay (it
+                // ran from the replay trampoline) or an injection (it ran in the guest). Runs in
+                // other modes, in the exit-sti window or nested in root had no such exit.
                 let i = usize::from(v);
-                let expected_exits = u64::from(c.runs.get(v) - c.nested_root.get(v));
-                t.exit_mismatch += diff(s.extint_by_vector[i], expected_exits);
-                t.replay_mismatch += diff(s.replays_by_vector[i], u64::from(c.replayed.get(v)));
-                t.inject_mismatch += diff(s.injections_by_vector[i], guest);
+                let replayed = u64::from(c.replayed.get(v));
+                t.exit_mismatch += diff(s.extint_by_vector[i], acked);
+                t.replay_mismatch += diff(s.replays_by_vector[i], replayed);
+                t.inject_mismatch +=
+                    diff(s.injections_by_vector[i], acked.saturating_sub(replayed));
             }
         }
         t.dpc_guest = u64::from(c.guest.get(DPC_VECTOR));
-        t.replayed_from_ring3 = c.replayed_from_ring3.get();
+        t.replayed_from_ring3 = books.replayed_at_cpl3.get();
         t.ring3_bad_exits = c.ring3_bad_exits.get();
         t.dpc_in_root = c.dpc_in_root.get();
         t.ctx_violations = c.ctx_violations.get();
@@ -438,6 +482,10 @@ impl Tally {
             t.cycles_sum = s.cycles_sum;
             t.cycles_max = s.cycles_max;
             t.handler_cycles_sum = s.handler_cycles_sum;
+            let index = ackvisor_vmm::CpuIndex(cpu.index.load(Ordering::Relaxed));
+            t.exiting_resumes =
+                ackvisor_vmm::hypervisor::with_cpu_counters(index, |_, s| s.exiting_resumes())
+                    .unwrap_or(0);
         }
         t
     }

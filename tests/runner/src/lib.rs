@@ -18,6 +18,7 @@
 //! **Runs in:** the Linux host (plain Rust; no shell scripts).
 
 pub mod ackctl;
+pub mod modes;
 pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};

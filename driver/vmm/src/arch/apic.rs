@@ -55,3 +55,26 @@ pub fn highest_irr(apic: ApicAccess) -> Option<u8> {
     }
     None
 }
+
+/// xAPIC spurious-interrupt vector register offset (SVR; bits 7:0 are the vector).
+const XAPIC_SVR: usize = 0xF0;
+/// x2APIC SVR MSR.
+const X2APIC_SVR: u32 = 0x80F;
+
+/// The vector this CPU's LAPIC hands out for a spurious interrupt (SVR bits 7:0).
+pub fn spurious_vector(apic: ApicAccess) -> u8 {
+    let svr = match apic {
+        ApicAccess::XApic { base_va } => {
+            let p = (base_va + XAPIC_SVR) as *const u32;
+            // SAFETY: as in `highest_irr`: this CPU's mapped xAPIC page; SVR is a readable 32-bit
+            // register without read side effects.
+            unsafe { core::ptr::read_volatile(p) }
+        }
+        ApicAccess::X2Apic => {
+            // SAFETY: in x2APIC mode the SVR MSR exists and reading it has no side effects.
+            let v = unsafe { super::regs::rdmsr(X2APIC_SVR) };
+            v as u32
+        }
+    };
+    svr as u8
+}

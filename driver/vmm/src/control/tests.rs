@@ -659,13 +659,33 @@ fn malformed_input(rng: &mut Rng, code: u32) -> Vec<u8> {
     }
 }
 
+/// The generated tests' seed: `ACKVISOR_FUZZ_SEED` (decimal or 0x hex), or the fixed default.
+fn fuzz_seed() -> u64 {
+    const DEFAULT: u64 = 0x00AC_C7E5_7000_0001;
+    match std::env::var("ACKVISOR_FUZZ_SEED") {
+        Ok(s) if !s.trim().is_empty() => {
+            let s = s.trim();
+            match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => s.parse(),
+            }
+            .unwrap_or_else(|e| panic!("ACKVISOR_FUZZ_SEED={s}: {e}"))
+        }
+        _ => DEFAULT,
+    }
+}
+
+mod streams;
+
 #[test]
 fn generated_malformed_requests_never_panic_and_rejections_change_nothing() {
     const REQUESTS: u32 = 120_000;
+    let seed = fuzz_seed();
+    std::eprintln!("dispatch requests: ACKVISOR_FUZZ_SEED={seed:#x}");
     let mut failing = Mock::four();
     failing.fail_at = Some((3, Error::Busy));
     let targets = [Mock::four(), Mock::new(&[None, None, None]), failing];
-    let mut rng = Rng(0x00AC_C7E5_7000_0001);
+    let mut rng = Rng(seed);
     let mut output = vec![0u8; 1 << 16];
     let mut statuses_seen = [0u32; 16];
     let mut accepted = 0u32;

@@ -135,6 +135,7 @@ pub(crate) extern "sysv64" fn dispatch(
     cpu.data.stats.exit(reason.basic());
     if root.exiting_suspended {
         crate::intr::inject::resume_exiting(&vmcs, root);
+        cpu.data.stats.exiting_resumed();
     }
     let mut ctx = ExitCtx {
         vmcs: &vmcs,

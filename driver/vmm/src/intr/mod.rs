@@ -8,7 +8,9 @@ mod mode;
 pub mod pending;
 pub mod policy;
 pub mod replay;
+pub mod spurious;
 pub mod vector_policy;
+pub mod wake;
 
 pub use mode::Mode;
 
@@ -65,7 +67,7 @@ pub fn on_external_interrupt(ctx: &mut ExitCtx<'_>) {
     ctx.cpu.data.stats.extint(v.0);
     let g = guest_view(ctx);
     if ctx.root.pending.is_empty() {
-        match policy::decide(ctx.root.mode, v, &g, &ctx.cpu.data.policy) {
+        match decide(ctx, v, &g) {
             Delivery::Replay => {
                 replay_or_inject(ctx, v, &g);
             }
@@ -103,13 +105,30 @@ pub fn on_window(ctx: &mut ExitCtx<'_>) {
     deliver_pending(ctx, &g);
 }
 
+/// [`policy::decide`], with the LAPIC's spurious vector exempt from CR8 ([`spurious`]). The SVR
+/// is read only when CR8 would hold a vector back, so the common path reads nothing more.
+#[inline(always)]
+fn decide(ctx: &ExitCtx<'_>, v: Vector, g: &GuestView) -> Delivery {
+    let mode = ctx.root.mode;
+    match policy::decide(mode, v, g, &ctx.cpu.data.policy) {
+        Delivery::Defer(Wait::Priority) => {
+            let svr = ctx
+                .root
+                .platform
+                .map(|p| Vector(crate::arch::apic::spurious_vector(p.apic())));
+            spurious::decide(mode, v, svr, g, &ctx.cpu.data.policy)
+        }
+        d => d,
+    }
+}
+
 /// Delivers pending vectors, highest first, while the guest can take them; re-arms the exit
 /// that brings the rest back.
 fn deliver_pending(ctx: &mut ExitCtx<'_>, g: &GuestView) {
     let mut wait = None;
     let mut injected = false;
     while let Some(v) = ctx.root.pending.highest() {
-        match policy::decide(ctx.root.mode, v, g, &ctx.cpu.data.policy) {
+        match decide(ctx, v, g) {
             Delivery::Replay => {
                 ctx.root.pending.remove(v);
                 injected = replay_or_inject(ctx, v, g);
@@ -166,7 +185,8 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
             if ctx.reason.basic() == crate::vmx::fields::reason::EXTERNAL_INTERRUPT {
                 ctx.cpu.data.stats.handler_cycles(cycles);
             }
-            wake(ctx, g);
+            // A halted guest that got an interrupt would have woken (kvm-unit-tests too).
+            wake::after_delivery(ctx.vmcs, g.activity);
             false
         }
         Err(why) => {
@@ -180,9 +200,8 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
 
 #[inline(always)]
 fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
-    inject::external(ctx.vmcs, v.0);
+    wake::inject_external(ctx.vmcs, v.0, g.activity);
     ctx.cpu.data.stats.injection(v.0);
-    wake(ctx, g);
 }
 
 /// Raises IRQL to ≥ DISPATCH before root runs OS handlers (DESIGN §4: below it NT's interrupt
@@ -250,15 +269,6 @@ fn leave_guest_debug(ctx: &mut ExitCtx<'_>, dr7: u64) {
     {
         ctx.vmcs.set(guest::IA32_DEBUGCTL_FULL, v);
         ctx.root.set_guest_debugctl(v);
-    }
-}
-
-/// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
-#[inline(always)]
-fn wake(ctx: &ExitCtx<'_>, g: &GuestView) {
-    let next = policy::activity_after_delivery(g.activity);
-    if next != g.activity {
-        ctx.vmcs.set(guest::ACTIVITY_STATE, u64::from(next.raw()));
     }
 }
 

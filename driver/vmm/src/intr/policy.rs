@@ -200,9 +200,15 @@ pub const fn frame_stack(cpl: u8, guest_rsp: u64) -> FrameStack {
     }
 }
 
-/// A halted guest that got an interrupt would have woken: the activity state to enter with.
-pub const fn activity_after_delivery(_before: ActivityState) -> ActivityState {
-    ActivityState::Active
+/// The activity state to enter with after an external interrupt was delivered to a guest that
+/// was in `before`. HLT ends when an interrupt is delivered (SDM 3C "Activity State"): a halted
+/// guest that got one would have woken. Shutdown and wait-for-SIPI block external interrupts,
+/// so a delivery never changes them (and the policy never delivers there).
+pub const fn activity_after_delivery(before: ActivityState) -> ActivityState {
+    match before {
+        ActivityState::Hlt => ActivityState::Active,
+        other => other,
+    }
 }
 
 /// What exit-sti does with an exit whose vector is still in the IRR (DESIGN §2).
@@ -392,6 +398,21 @@ mod tests {
             Delivery::Replay
         );
         assert_eq!(activity_after_delivery(g.activity), ActivityState::Active);
+    }
+
+    #[test]
+    fn activity_after_delivery_wakes_only_a_halted_guest() {
+        assert_eq!(
+            activity_after_delivery(ActivityState::Hlt),
+            ActivityState::Active
+        );
+        assert_eq!(
+            activity_after_delivery(ActivityState::Active),
+            ActivityState::Active
+        );
+        for blocked in [ActivityState::Shutdown, ActivityState::WaitForSipi] {
+            assert_eq!(activity_after_delivery(blocked), blocked);
+        }
     }
 
     #[test]

@@ -364,7 +364,7 @@ pub(crate) mod tests {
         waitpkg: true,
     };
 
-    /// Bochs corei7_haswell_4770's values (shared/reference/bochs-prototype/REPORT.md).
+    /// Bochs corei7_haswell_4770's values (read from Bochs 2.7 running that model).
     pub(crate) fn haswell() -> RawCaps {
         RawCaps {
             basic: 0x00d8_1000_0000_002b,

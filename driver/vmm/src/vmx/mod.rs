@@ -3,6 +3,7 @@
 //!
 //! **Runs in:** PASSIVE (VMXON, VMCLEAR, VMPTRLD, launch) and VMX root (VMREAD/VMWRITE).
 
+pub mod access;
 pub mod caps;
 pub mod fields;
 pub mod fixed;
