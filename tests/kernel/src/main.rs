@@ -12,11 +12,14 @@
 
 mod apic;
 mod arch;
+mod books;
 mod boot;
 mod console;
 mod control;
+mod debug_regs;
 mod interrupts;
 mod mem;
+mod misdirected;
 mod ntos;
 mod params;
 mod percpu;
@@ -27,6 +30,7 @@ mod scenarios;
 mod smp;
 mod uart;
 mod user;
+mod watchdog;
 mod workload;
 
 use core::panic::PanicInfo;
@@ -61,6 +65,8 @@ extern "C" fn kmain() -> ! {
         "serve" => "serve",
         "nt-load" => "nt-load",
         "nt-driver" => "nt-driver",
+        "misdirected-eoi" => "misdirected-eoi",
+        "debug-regs" => "debug-regs",
         _ => "unknown",
     };
     report::set_scenario(scenario);
@@ -79,6 +85,17 @@ extern "C" fn kmain() -> ! {
     }
     // SAFETY: the IDT, the per-CPU state and the LAPIC are ready for interrupts.
     unsafe { arch::sti() };
+    if p.rejected != 0 {
+        // A param the kernel does not know would otherwise run the scenario with a default and
+        // let a test pass on something it never asked for.
+        report::Line::new(scenario)
+            .kv("fatal", 1)
+            .kv("params_rejected", p.rejected)
+            .kv("first_rejected", p.first_rejected())
+            .print();
+        report::Line::new(scenario).kv("end", 1).print();
+        console::shutdown()
+    }
     match scenario {
         "boot" => scenarios::boot(&p),
         "modes" => scenarios::modes(&p, false),
@@ -90,6 +107,8 @@ extern "C" fn kmain() -> ! {
         "serve" => control::serve_scenario(&p),
         "nt-load" => ntos::load_scenario(&p),
         "nt-driver" => ntos::driver::scenario(&p),
+        "misdirected-eoi" => misdirected::scenario(&p),
+        "debug-regs" => debug_regs::run(),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())

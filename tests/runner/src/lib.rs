@@ -19,6 +19,7 @@
 
 pub mod ackctl;
 pub mod driver;
+pub mod modes;
 pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};

@@ -124,27 +124,71 @@ pub fn launch_failed_resume_point() -> u64 {
 ///             -  r15 … rax (rsp slot)    (GuestRegs.gpr, rax lowest)
 ///   rsp       -> FXSAVE area (512)       at the CALL
 /// ```
+///
+/// On the msvc target the stub carries unwind data (HyperPlatform's idea, STYLE §2.5) so that
+/// WinDbg's `k`, stopped in a handler that root replayed, walks through `dispatch` into this
+/// frame and ends cleanly: the codes describe every push (the guest's GPRs come back in the
+/// unwound context) and count the `&PerCpu` slot as allocated, so the unwinder's return address
+/// is the zeroed qword above HOST_RSP, which ends the walk.
 #[unsafe(naked)]
 pub extern "sysv64" fn vm_exit_entry() -> ! {
     core::arch::naked_asm!(
+        #[cfg(windows)]
+        ".seh_proc {this}",                 // unwind data for WinDbg (see above)
+        #[cfg(windows)]
+        ".seh_stackalloc 8",                // the &PerCpu slot HOST_RSP points at
         // -- save: GuestRegs is built by pushes, highest field first.
         "sub rsp, 16",                      // GuestRegs.{_pad, entry_tsc}
+        #[cfg(windows)]
+        ".seh_stackalloc 16",               //
         "push r15",                         //
+        #[cfg(windows)]
+        ".seh_pushreg r15",                 //
         "push r14",                         //
+        #[cfg(windows)]
+        ".seh_pushreg r14",                 //
         "push r13",                         //
+        #[cfg(windows)]
+        ".seh_pushreg r13",                 //
         "push r12",                         //
+        #[cfg(windows)]
+        ".seh_pushreg r12",                 //
         "push r11",                         //
+        #[cfg(windows)]
+        ".seh_pushreg r11",                 //
         "push r10",                         //
+        #[cfg(windows)]
+        ".seh_pushreg r10",                 //
         "push r9",                          //
+        #[cfg(windows)]
+        ".seh_pushreg r9",                  //
         "push r8",                          //
+        #[cfg(windows)]
+        ".seh_pushreg r8",                  //
         "push rdi",                         //
+        #[cfg(windows)]
+        ".seh_pushreg rdi",                 //
         "push rsi",                         //
+        #[cfg(windows)]
+        ".seh_pushreg rsi",                 //
         "push rbp",                         //
+        #[cfg(windows)]
+        ".seh_pushreg rbp",                 //
         "sub rsp, 8",                       // RSP slot: the guest's RSP is in the VMCS
+        #[cfg(windows)]
+        ".seh_stackalloc 8",                //
         "push rbx",                         //
+        #[cfg(windows)]
+        ".seh_pushreg rbx",                 //
         "push rdx",                         //
+        #[cfg(windows)]
+        ".seh_pushreg rdx",                 //
         "push rcx",                         //
+        #[cfg(windows)]
+        ".seh_pushreg rcx",                 //
         "push rax",                         // rsp = &GuestRegs, still 16-byte aligned
+        #[cfg(windows)]
+        ".seh_pushreg rax",                 //
         "rdtsc",                            // start of the root-mode cost (rax/rdx saved)
         "shl rdx, 32",                      //
         "or rax, rdx",                      //
@@ -152,6 +196,10 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         "mov rdi, rsp",                     // arg 1: &mut GuestRegs
         "mov rsi, [rsp + {regs}]",          // arg 2: &PerCpu from the top slot
         "sub rsp, {fx}",                    //
+        #[cfg(windows)]
+        ".seh_stackalloc {fx}",             //
+        #[cfg(windows)]
+        ".seh_endprologue",                 //
         "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP: root uses SSE
         "mov rdx, rsp",                     // arg 3: &mut FxArea (forwarded XMM hypercalls)
         "cld",                              // the ABI wants DF=0; the guest may have set it
@@ -188,12 +236,16 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         "mov rsp, [rsp + {devirt}]",        // rsp = guest RSP - 16: [RFLAGS, RIP]
         "popfq",                            // guest RFLAGS (may set IF)
         "ret",                              // guest RIP, RSP = guest RSP
+        #[cfg(windows)]
+        ".seh_endproc",                     //
         tsc = const offset_of!(GuestRegs, entry_tsc),
         regs = const REGS_BYTES,
         fx = const FXSAVE_BYTES,
         devirt = const offset_of!(PerCpu, data) + offset_of!(CpuData, devirt_rsp),
         dispatch = sym super::dispatch,
         failed = sym resume_failed,
+        #[cfg(windows)]
+        this = sym vm_exit_entry,
     )
 }
 
