@@ -93,6 +93,12 @@ pub enum Error {
 pub fn root_interrupt_return_sites() -> [usize; 2] {
     intr::replay::return_sites()
 }
+/// Address of the VM-exit stub (HOST_RIP): where every VM exit's root-mode path begins. The
+/// test kernel's benchmark hands it to the runner, which counts instructions from there.
+pub fn exit_stub_address() -> usize {
+    let stub: extern "sysv64" fn() -> ! = exit::stub::vm_exit_entry;
+    stub as usize
+}
 pub use exit::hypercall;
 
 impl core::fmt::Display for Error {

@@ -12,6 +12,7 @@
 
 mod apic;
 mod arch;
+mod bench;
 mod boot;
 mod console;
 mod control;
@@ -83,7 +84,7 @@ extern "C" fn kmain() -> ! {
         "vmcall" => scenarios::vmcall(&p),
         "cycles" => scenarios::cycles(&p),
         "rejected" => scenarios::rejected(&p),
-        "bench" => scenarios::bench(&p),
+        "bench" => bench::run(&p),
         "serve" => control::serve_scenario(&p),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
