@@ -223,6 +223,10 @@ pub fn virtualize_current_cpu(
         launched: false,
         launch_failure: None,
         irql_is_cr8: platform.irql_is_cr8(),
+        apic: Some(platform.apic()),
+        // No base matches: the first replay reads the limit.
+        idt_base: u64::MAX,
+        idt_limit: 0,
         kernel_cs: regs::cs(),
         kernel_ss: regs::ss(),
         features,

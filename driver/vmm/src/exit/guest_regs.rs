@@ -10,9 +10,8 @@
 pub struct GuestRegs {
     /// The 16 GPRs.
     pub gpr: [u64; 16],
-    /// TSC read by the stub right after saving the GPRs (start of the root-mode cost).
-    pub entry_tsc: u64,
-    _pad: u64,
+    /// Keeps HOST_RSP − size 16-byte aligned for the stub's CALL.
+    _pad: [u64; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<GuestRegs>() == 144);

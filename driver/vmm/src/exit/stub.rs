@@ -7,8 +7,9 @@
 //!    the launch stub itself, so the guest "returns 0" from [`launch`].
 //! 2. A VM exit loads HOST_RSP (our stack, `&PerCpu` in its top slot) and HOST_RIP
 //!    ([`vm_exit_entry`]), with RFLAGS = 0x2 (IF=0). GPRs still hold the guest's values.
-//! 3. The stub saves the 16 GPRs (SDM order) as a `GuestRegs`, the TSC, and XMM0–15/MXCSR with
-//!    FXSAVE (root code may use SSE; the guest's vector state must survive it).
+//! 3. The stub saves the volatile GPRs and calls `exit::dispatch_fast` (external interrupts);
+//!    for every other exit it completes the 16 GPRs (SDM order) as a `GuestRegs` and saves
+//!    XMM0–15/MXCSR with FXSAVE (handlers may use SSE; the guest's vector state must survive).
 //! 4. `exit::dispatch` returns 0 to resume or 1 to leave VMX operation; in the second case
 //!    VMXOFF has already run and `CpuData::devirt_rsp` points at [RFLAGS, RIP] on the guest's
 //!    stack, so POPFQ + RET continue the former guest.
@@ -116,68 +117,97 @@ pub fn launch_failed_resume_point() -> u64 {
     core::ptr::addr_of!(ackvisor_launch_failed) as u64
 }
 
+/// Slot of GPR `n` in [`GuestRegs`] (SDM register number).
+const fn gpr(n: usize) -> usize {
+    offset_of!(GuestRegs, gpr) + n * 8
+}
+
 /// HOST_RIP. Stack on entry (HOST_RSP, 16-byte aligned): `[rsp] = &PerCpu`.
 ///
 /// ```text
 ///   HOST_RSP  -> &PerCpu
-///             -  pad, entry_tsc          (GuestRegs tail)
-///             -  r15 … rax (rsp slot)    (GuestRegs.gpr, rax lowest)
-///   rsp       -> FXSAVE area (512)       at the CALL
+///   rsp       -> GuestRegs (144 bytes: 16 GPR slots, pad)               at the fast CALL
+///             -  FXSAVE area (512)                                      slow path only
 /// ```
+///
+/// Two paths (issue 11: the external-interrupt exit is the one that must be cheap):
+/// - **fast**: save the nine registers the System V ABI lets a callee clobber (RAX, RCX, RDX,
+///   RSI, RDI, R8–R11) and call `exit::dispatch_fast`, which handles exit reason 1 in full.
+///   The callee-saved six are preserved by the call itself, and no XMM register is saved:
+///   the code reachable from here uses none (the runner's `root_code_uses_no_vector_registers`
+///   test disassembles it), NT's interrupt entry saves the volatile XMM registers for the
+///   handler it runs, and platform IRQL calls go through [`with_fx_saved`].
+/// - **slow** (`dispatch_fast` returned nonzero: any other exit): complete `GuestRegs` with
+///   the six callee-saved registers (still the guest's), FXSAVE, call `exit::dispatch`,
+///   FXRSTOR and restore all fifteen (handlers may change any of them).
 #[unsafe(naked)]
 pub extern "sysv64" fn vm_exit_entry() -> ! {
     core::arch::naked_asm!(
-        // -- save: GuestRegs is built by pushes, highest field first.
-        "sub rsp, 16",                      // GuestRegs.{_pad, entry_tsc}
-        "push r15",                         //
-        "push r14",                         //
-        "push r13",                         //
-        "push r12",                         //
-        "push r11",                         //
-        "push r10",                         //
-        "push r9",                          //
-        "push r8",                          //
-        "push rdi",                         //
-        "push rsi",                         //
-        "push rbp",                         //
-        "sub rsp, 8",                       // RSP slot: the guest's RSP is in the VMCS
-        "push rbx",                         //
-        "push rdx",                         //
-        "push rcx",                         //
-        "push rax",                         // rsp = &GuestRegs, still 16-byte aligned
-        "rdtsc",                            // start of the root-mode cost (rax/rdx saved)
-        "shl rdx, 32",                      //
-        "or rax, rdx",                      //
-        "mov [rsp + {tsc}], rax",           // GuestRegs.entry_tsc
-        "mov rdi, rsp",                     // arg 1: &mut GuestRegs
-        "mov rsi, [rsp + {regs}]",          // arg 2: &PerCpu from the top slot
-        "sub rsp, {fx}",                    //
-        "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP: root uses SSE
-        "mov rdx, rsp",                     // arg 3: &mut FxArea (forwarded XMM hypercalls)
+        // -- fast path: volatile registers into their GuestRegs slots.
+        "sub rsp, {regs}",                  // GuestRegs, ending at HOST_RSP
+        "mov [rsp + {rax}], rax",           //
+        "mov [rsp + {rcx}], rcx",           //
+        "mov [rsp + {rdx}], rdx",           //
+        "mov [rsp + {rsi}], rsi",           //
+        "mov [rsp + {rdi}], rdi",           //
+        "mov [rsp + {r8}], r8",             //
+        "mov [rsp + {r9}], r9",             //
+        "mov [rsp + {r10}], r10",           //
+        "mov [rsp + {r11}], r11",           //
+        "mov rdi, [rsp + {regs}]",          // arg 1: &PerCpu from the top slot
         "cld",                              // the ABI wants DF=0; the guest may have set it
+        "call {fast}",                      // rax = 0: handled, resume; else the slow path
+        "test eax, eax",                    //
+        "jnz 2f",                           //
+        "mov r11, [rsp + {r11}]",           // -- fast resume: the same nine back
+        "mov r10, [rsp + {r10}]",           //
+        "mov r9, [rsp + {r9}]",             //
+        "mov r8, [rsp + {r8}]",             //
+        "mov rdi, [rsp + {rdi}]",           //
+        "mov rsi, [rsp + {rsi}]",           //
+        "mov rdx, [rsp + {rdx}]",           //
+        "mov rcx, [rsp + {rcx}]",           //
+        "mov rax, [rsp + {rax}]",           //
+        "add rsp, {regs}",                  // rsp = HOST_RSP again
+        "vmresume",                         // success does not come back
+        "jmp 4f",                           //
+        "2:",                               // -- slow path: the rest of GuestRegs
+        ".global ackvisor_exit_slow",       // (the XMM check stops here: FXSAVE follows)
+        "ackvisor_exit_slow:",              //
+        "mov [rsp + {rbx}], rbx",           // callee-saved: the fast call preserved them
+        "mov [rsp + {rbp}], rbp",           //
+        "mov [rsp + {r12}], r12",           //
+        "mov [rsp + {r13}], r13",           //
+        "mov [rsp + {r14}], r14",           //
+        "mov [rsp + {r15}], r15",           //
+        "mov rdi, rsp",                     // arg 1: &mut GuestRegs
+        "mov rsi, [rsp + {regs}]",          // arg 2: &PerCpu
+        "sub rsp, {fx}",                    //
+        "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP
+        "mov rdx, rsp",                     // arg 3: &mut FxArea (forwarded XMM hypercalls)
         "call {dispatch}",                  // rax = 0 resume, 1 devirtualize
         "fxrstor64 [rsp]",                  //
         "add rsp, {fx}",                    // rsp = &GuestRegs
-        "cmp rax, 1",                       // flags survive the pops below
-        "pop rax",                          // -- restore, same order reversed
-        "pop rcx",                          //
-        "pop rdx",                          //
-        "pop rbx",                          //
-        "lea rsp, [rsp + 8]",               // RSP slot (LEA keeps the flags)
-        "pop rbp",                          //
-        "pop rsi",                          //
-        "pop rdi",                          //
-        "pop r8",                           //
-        "pop r9",                           //
-        "pop r10",                          //
-        "pop r11",                          //
-        "pop r12",                          //
-        "pop r13",                          //
-        "pop r14",                          //
-        "pop r15",                          //
-        "lea rsp, [rsp + 16]",              // rsp = HOST_RSP again, [rsp] = &PerCpu
+        "cmp rax, 1",                       // flags survive the loads below
+        "mov rax, [rsp + {rax}]",           // -- restore all fifteen
+        "mov rcx, [rsp + {rcx}]",           //
+        "mov rdx, [rsp + {rdx}]",           //
+        "mov rbx, [rsp + {rbx}]",           //
+        "mov rbp, [rsp + {rbp}]",           //
+        "mov rsi, [rsp + {rsi}]",           //
+        "mov rdi, [rsp + {rdi}]",           //
+        "mov r8, [rsp + {r8}]",             //
+        "mov r9, [rsp + {r9}]",             //
+        "mov r10, [rsp + {r10}]",           //
+        "mov r11, [rsp + {r11}]",           //
+        "mov r12, [rsp + {r12}]",           //
+        "mov r13, [rsp + {r13}]",           //
+        "mov r14, [rsp + {r14}]",           //
+        "mov r15, [rsp + {r15}]",           //
+        "lea rsp, [rsp + {regs}]",          // rsp = HOST_RSP, [rsp] = &PerCpu (LEA keeps flags)
         "je 5f",                            // dispatch said devirtualize
         "vmresume",                         // success does not come back
+        "4:",                               //
         "pushfq",                           // VMfailInvalid (CF) or VMfailValid (ZF)
         "pop rsi",                          // arg 2: RFLAGS after the failure
         "mov rdi, [rsp]",                   // arg 1: &PerCpu
@@ -188,13 +218,55 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         "mov rsp, [rsp + {devirt}]",        // rsp = guest RSP - 16: [RFLAGS, RIP]
         "popfq",                            // guest RFLAGS (may set IF)
         "ret",                              // guest RIP, RSP = guest RSP
-        tsc = const offset_of!(GuestRegs, entry_tsc),
         regs = const REGS_BYTES,
+        rax = const gpr(0),
+        rcx = const gpr(1),
+        rdx = const gpr(2),
+        rbx = const gpr(3),
+        rbp = const gpr(5),
+        rsi = const gpr(6),
+        rdi = const gpr(7),
+        r8 = const gpr(8),
+        r9 = const gpr(9),
+        r10 = const gpr(10),
+        r11 = const gpr(11),
+        r12 = const gpr(12),
+        r13 = const gpr(13),
+        r14 = const gpr(14),
+        r15 = const gpr(15),
         fx = const FXSAVE_BYTES,
         devirt = const offset_of!(PerCpu, data) + offset_of!(CpuData, devirt_rsp),
+        fast = sym super::dispatch_fast,
         dispatch = sym super::dispatch,
         failed = sym resume_failed,
     )
+}
+
+/// Calls `f(arg)` with the caller's XMM0–15/MXCSR saved around it (FXSAVE64/FXRSTOR64 on a
+/// 16-byte-aligned area of this stack). For code on the fast exit path that is not ours to
+/// prove free of XMM: the platform's IRQL functions (DESIGN §4, NT).
+#[unsafe(naked)]
+extern "sysv64" fn fx_saved_raw(f: usize, arg: usize) {
+    core::arch::naked_asm!(
+        "push rbp",            // rsp 16-aligned now
+        "mov rbp, rsp",        //
+        "sub rsp, {fx}",       //
+        "fxsave64 [rsp]",      // the guest's vector state
+        "mov rax, rdi",        //
+        "mov rdi, rsi",        // arg 1 of f: arg
+        "call rax",            //
+        "fxrstor64 [rsp]",     //
+        "mov rsp, rbp",        //
+        "pop rbp",             //
+        "ret",                 //
+        fx = const FXSAVE_BYTES,
+    )
+}
+
+/// [`fx_saved_raw`] for a typed argument.
+#[inline(always)]
+pub fn with_fx_saved<T>(f: extern "sysv64" fn(&T), arg: &T) {
+    fx_saved_raw(f as usize, arg as *const T as usize);
 }
 
 /// VMRESUME failed: nothing can continue on this CPU.
@@ -203,3 +275,4 @@ extern "sysv64" fn resume_failed(cpu: &PerCpu, rflags: u64) -> ! {
 }
 
 const _: () = assert!(REGS_BYTES.is_multiple_of(16) && FXSAVE_BYTES.is_multiple_of(16));
+const _: () = assert!(gpr(15) + 8 <= REGS_BYTES);

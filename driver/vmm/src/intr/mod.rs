@@ -11,37 +11,75 @@ pub mod replay;
 pub use mode::Mode;
 
 use crate::arch::regs;
+use crate::cpu::{PerCpu, RootState};
 use crate::exit::ExitCtx;
 use crate::log_ring::LogKind;
 use crate::stats::Anomaly;
-use crate::vmx::fields::{ActivityState, ExitIntrInfo, Interruptibility, intr_type};
+use crate::vmx::Vmcs;
+use crate::vmx::fields::{AccessRights, ActivityState, ExitIntrInfo, Interruptibility, intr_type};
 use policy::{Delivery, GuestView, StiWindow, Vector, Wait};
 use x86::vmx::vmcs::{control::ExitControls, guest, ro};
 
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
 
-/// Reads what [`policy::decide`] needs.
+/// What the interrupt path touches: the exit stub's fast path builds it without the saved
+/// registers (`exit::dispatch_fast`), the handlers through [`IntrCtx::of`].
+pub struct IntrCtx<'a> {
+    /// The current VMCS.
+    pub vmcs: &'a Vmcs,
+    /// This CPU.
+    pub cpu: &'a PerCpu,
+    /// This CPU's root state.
+    pub root: &'a mut RootState,
+    /// The exit is an external-interrupt exit (the ones `Stats::cycles` times).
+    pub timed: bool,
+}
+
+impl<'a> IntrCtx<'a> {
+    /// The interrupt-path view of a handler's context.
+    pub fn of(ctx: &'a mut ExitCtx<'_>) -> IntrCtx<'a> {
+        IntrCtx {
+            vmcs: ctx.vmcs,
+            cpu: ctx.cpu,
+            timed: ctx.reason.basic() == crate::vmx::fields::reason::EXTERNAL_INTERRUPT,
+            root: ctx.root,
+        }
+    }
+
+    /// Counts an anomaly and logs it with a detail word.
+    pub fn anomaly(&mut self, kind: Anomaly, detail: u64) {
+        self.cpu.data.stats.anomaly(kind);
+        self.log(LogKind::Anomaly, kind as u64, detail);
+    }
+
+    /// Appends a log record.
+    pub fn log(&self, kind: LogKind, a: u64, b: u64) {
+        self.cpu.data.log.push(regs::rdtsc(), kind, a, b);
+    }
+}
+
+/// Reads what [`policy::decide`] needs, each field once.
 #[inline(always)]
-pub fn guest_view(ctx: &ExitCtx<'_>) -> GuestView {
-    let v = ctx.vmcs;
-    let ss_ar = v.read32(guest::SS_ACCESS_RIGHTS);
+pub fn guest_view(vmcs: &Vmcs) -> GuestView {
+    let v = vmcs;
+    let ss_ar = AccessRights::from_raw(v.read32_known(guest::SS_ACCESS_RIGHTS));
     GuestView {
-        interrupts_enabled: v.read(guest::RFLAGS) & RFLAGS_IF != 0,
-        interruptibility: Interruptibility::from_raw(v.read32(guest::INTERRUPTIBILITY_STATE)),
-        cpl: ((ss_ar >> 5) & 3) as u8,
+        interrupts_enabled: v.read_known(guest::RFLAGS) & RFLAGS_IF != 0,
+        interruptibility: Interruptibility::from_raw(v.read32_known(guest::INTERRUPTIBILITY_STATE)),
+        cpl: ss_ar.dpl(),
         // No TPR shadow: root runs with the guest's CR8.
         cr8: regs::cr8(),
-        rsp: v.read(guest::RSP),
-        activity: ActivityState::try_from(v.read32(guest::ACTIVITY_STATE))
+        rsp: v.read_known(guest::RSP),
+        activity: ActivityState::try_from(v.read32_known(guest::ACTIVITY_STATE))
             .unwrap_or(ActivityState::Active),
     }
 }
 
 /// Exit reason 1.
 #[inline(always)]
-pub fn on_external_interrupt(ctx: &mut ExitCtx<'_>) {
-    let info = ExitIntrInfo::from_raw(ctx.vmcs.read32(ro::VMEXIT_INTERRUPTION_INFO));
+pub fn on_external_interrupt(ctx: &mut IntrCtx<'_>) {
+    let info = ExitIntrInfo::from_raw(ctx.vmcs.read32_known(ro::VMEXIT_INTERRUPTION_INFO));
     if !info.valid() {
         if ctx.root.mode.acks_on_exit() {
             // Ack was on yet nothing was acknowledged: the vector is still in the IRR, so the
@@ -57,7 +95,7 @@ pub fn on_external_interrupt(ctx: &mut ExitCtx<'_>) {
     }
     let v = Vector(info.vector());
     ctx.cpu.data.stats.extint(v.0);
-    let g = guest_view(ctx);
+    let g = guest_view(ctx.vmcs);
     if ctx.root.pending.is_empty() {
         match policy::decide(ctx.root.mode, v, &g) {
             Delivery::Replay => {
@@ -85,13 +123,14 @@ pub fn on_external_interrupt(ctx: &mut ExitCtx<'_>) {
 
 /// Interrupt-window exit, or a CR8 load that may have unblocked a pending vector.
 pub fn on_window(ctx: &mut ExitCtx<'_>) {
-    let g = guest_view(ctx);
-    deliver_pending(ctx, &g);
+    let mut ctx = IntrCtx::of(ctx);
+    let g = guest_view(ctx.vmcs);
+    deliver_pending(&mut ctx, &g);
 }
 
 /// Delivers pending vectors, highest first, while the guest can take them; re-arms the exit
 /// that brings the rest back.
-fn deliver_pending(ctx: &mut ExitCtx<'_>, g: &GuestView) {
+fn deliver_pending(ctx: &mut IntrCtx<'_>, g: &GuestView) {
     let mut wait = None;
     let mut injected = false;
     while let Some(v) = ctx.root.pending.highest() {
@@ -121,21 +160,24 @@ fn deliver_pending(ctx: &mut ExitCtx<'_>, g: &GuestView) {
 
 /// Replays `v`; a rejected gate is counted and the vector injected. True if injected.
 #[inline(always)]
-fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
-    let base = ctx.vmcs.read(guest::IDTR_BASE);
-    let limit = ctx.vmcs.read(guest::IDTR_LIMIT) as u16;
+fn replay_or_inject(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView) -> bool {
+    let (base, limit) = guest_idt(ctx.vmcs, ctx.root);
     let gate = replay::read_gate(base, limit, v);
     let frame = policy::frame_stack(g.cpl, g.rsp);
-    let (kcs, kss) = (ctx.root.kernel_cs, ctx.root.kernel_ss);
-    let old = raise_to_dispatch(ctx.root, g.cr8);
-    let result = replay::call_gate(gate, v, limit, kcs, kss, frame);
-    restore_irql(ctx.root, old);
+    let result = policy::validate_gate(v, gate, limit, ctx.root.kernel_cs).map(|handler| {
+        let what = RootRun::Gate {
+            handler,
+            kcs: ctx.root.kernel_cs,
+            kss: ctx.root.kernel_ss,
+        };
+        run_at_dispatch(ctx.root, what, frame, g.cr8)
+    });
     match result {
         Ok(cycles) => {
             ctx.cpu.data.stats.replay(v.0);
             // Only reason-1 exits are timed (`Stats::cycles`); a replay from a window or CR8
             // exit would otherwise inflate the handler share beyond the total.
-            if ctx.reason.basic() == crate::vmx::fields::reason::EXTERNAL_INTERRUPT {
+            if ctx.timed {
                 ctx.cpu.data.stats.handler_cycles(cycles);
             }
             wake(ctx, g);
@@ -150,45 +192,103 @@ fn replay_or_inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) -> bool {
     }
 }
 
+/// This CPU's IDT as the guest has it loaded. The limit is re-read only when the base moved:
+/// NT loads each CPU's IDT once at boot. A guest that reloads the same base with another limit
+/// keeps the cached one; a larger limit then only makes root inject vectors beyond the old one
+/// (the guest delivers them itself), a smaller one lets root call a valid gate the CPU would
+/// have refused with #GP. Issue 11: one VMREAD per exit instead of two.
 #[inline(always)]
-fn inject(ctx: &mut ExitCtx<'_>, v: Vector, g: &GuestView) {
-    inject::external(ctx.vmcs, v.0);
-    ctx.cpu.data.stats.injection(v.0);
-    wake(ctx, g);
+fn guest_idt(vmcs: &Vmcs, root: &mut RootState) -> (u64, u16) {
+    let base = vmcs.read_known(guest::IDTR_BASE);
+    if base != root.idt_base {
+        root.idt_base = base;
+        root.idt_limit = vmcs.read_known(guest::IDTR_LIMIT) as u16;
+    }
+    (base, root.idt_limit)
 }
 
-/// Raises IRQL to ≥ DISPATCH before root runs OS handlers (DESIGN §4: below it NT's interrupt
-/// epilogue may drain DPCs and switch threads on our stack); returns the guest's IRQL.
-/// `guest_cr8` is the CR8 root runs with (the guest's, no TPR shadow).
+/// What root runs at IRQL ≥ DISPATCH (DESIGN §4): an OS handler, called through its gate or
+/// delivered by the CPU in an exit-sti window.
+#[derive(Clone, Copy)]
+enum RootRun {
+    /// Call a validated gate's handler with a hand-built frame.
+    Gate { handler: u64, kcs: u16, kss: u16 },
+    /// `sti; nop; cli`: the CPU delivers the pending IRR vector through the host IDT.
+    StiWindow,
+}
+
+/// Runs `what` at IRQL ≥ DISPATCH on `frame` and returns the TSC cycles it took (0 without
+/// `stats`). With raw CR8 (the test machine) nothing but our own code and the OS handler runs
+/// here; a platform with its own IRQL functions (NT) has them called inside
+/// [`crate::exit::stub::with_fx_saved`], because their code is not ours to prove free of XMM.
 #[inline(always)]
-fn raise_to_dispatch(root: &crate::cpu::RootState, guest_cr8: u8) -> u8 {
+fn run_at_dispatch(
+    root: &RootState,
+    what: RootRun,
+    frame: policy::FrameStack,
+    guest_cr8: u8,
+) -> u64 {
     match root.platform {
-        Some(p) if !root.irql_is_cr8 => p.raise_irql(policy::DISPATCH_LEVEL),
+        Some(platform) if !root.irql_is_cr8 => {
+            let call = PlatformRun {
+                platform,
+                what,
+                frame,
+                cycles: core::cell::Cell::new(0),
+            };
+            crate::exit::stub::with_fx_saved(platform_run, &call);
+            call.cycles.get()
+        }
         _ => {
             if guest_cr8 < policy::DISPATCH_LEVEL {
                 // SAFETY: raising the task priority only masks interrupts (IF=0 here anyway).
                 unsafe { regs::set_cr8(policy::DISPATCH_LEVEL) };
             }
-            guest_cr8
+            let cycles = run(what, frame);
+            // SAFETY: back to the guest's own CR8 (written even when equal, so a handler that
+            // left CR8 elsewhere is corrected); IF=0 in root, nothing is delivered here.
+            unsafe { regs::set_cr8(guest_cr8) };
+            cycles
         }
     }
 }
 
-/// Gives the guest its IRQL back before VM entry. On the raw-CR8 path it is written even when
-/// equal (one instruction), so a handler that left CR8 elsewhere is corrected; on NT,
-/// KeLowerIrql only lowers.
 #[inline(always)]
-fn restore_irql(root: &crate::cpu::RootState, old: u8) {
-    match root.platform {
-        Some(p) if !root.irql_is_cr8 => p.lower_irql(old),
-        // SAFETY: back to the guest's own CR8; IF=0 in root, nothing is delivered here.
-        _ => unsafe { regs::set_cr8(old) },
+fn run(what: RootRun, frame: policy::FrameStack) -> u64 {
+    let t0 = crate::stats::tsc();
+    match what {
+        RootRun::Gate { handler, kcs, kss } => replay::call_handler(handler, kcs, kss, frame),
+        RootRun::StiWindow => replay::sti_window(frame),
     }
+    crate::stats::tsc().wrapping_sub(t0)
+}
+
+/// A [`RootRun`] through the platform's IRQL functions, run by [`platform_run`].
+struct PlatformRun {
+    platform: &'static dyn crate::platform::Platform,
+    what: RootRun,
+    frame: policy::FrameStack,
+    cycles: core::cell::Cell<u64>,
+}
+
+/// DESIGN §4 with the platform's own IRQL calls (NT: KfRaiseIrql/KeLowerIrql semantics);
+/// KeLowerIrql only lowers.
+extern "sysv64" fn platform_run(call: &PlatformRun) {
+    let old = call.platform.raise_irql(policy::DISPATCH_LEVEL);
+    call.cycles.set(run(call.what, call.frame));
+    call.platform.lower_irql(old);
+}
+
+#[inline(always)]
+fn inject(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView) {
+    inject::external(ctx.vmcs, v.0);
+    ctx.cpu.data.stats.injection(v.0);
+    wake(ctx, g);
 }
 
 /// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
 #[inline(always)]
-fn wake(ctx: &ExitCtx<'_>, g: &GuestView) {
+fn wake(ctx: &IntrCtx<'_>, g: &GuestView) {
     let next = policy::activity_after_delivery(g.activity);
     if next != g.activity {
         ctx.vmcs.set(guest::ACTIVITY_STATE, u64::from(next.raw()));
@@ -196,10 +296,13 @@ fn wake(ctx: &ExitCtx<'_>, g: &GuestView) {
 }
 
 /// exit-sti (ack off): the vector is still in the IRR. DESIGN §2 policy.
-fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
-    let g = guest_view(ctx);
-    let apic = ctx.root.platform.map(|p| p.apic());
-    let highest = apic.and_then(crate::arch::apic::highest_irr).map(Vector);
+fn on_unacknowledged(ctx: &mut IntrCtx<'_>) {
+    let g = guest_view(ctx.vmcs);
+    let highest = ctx
+        .root
+        .apic
+        .and_then(crate::arch::apic::highest_irr)
+        .map(Vector);
     match policy::sti_window(highest, &g) {
         StiWindow::Open => {
             ctx.cpu.data.stats.sti_window();
@@ -207,14 +310,9 @@ fn on_unacknowledged(ctx: &mut ExitCtx<'_>) {
             // vector raised by the handler (a DPC request) must wait for the guest instead of
             // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
             // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
-            let old = raise_to_dispatch(ctx.root, g.cr8);
-            let t0 = regs::rdtsc();
-            replay::sti_window(policy::frame_stack(g.cpl, g.rsp));
-            ctx.cpu
-                .data
-                .stats
-                .handler_cycles(regs::rdtsc().wrapping_sub(t0));
-            restore_irql(ctx.root, old);
+            let frame = policy::frame_stack(g.cpl, g.rsp);
+            let cycles = run_at_dispatch(ctx.root, RootRun::StiWindow, frame, g.cr8);
+            ctx.cpu.data.stats.handler_cycles(cycles);
         }
         StiWindow::GuestTakes => {
             ctx.cpu.data.stats.guest_take();
