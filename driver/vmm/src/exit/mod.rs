@@ -149,7 +149,7 @@ pub(crate) extern "sysv64" fn dispatch_fast(cpu: &PerCpu) -> u64 {
         timed: true,
     };
     crate::intr::on_external_interrupt(&mut ctx);
-    cpu.data.stats.cycles(crate::stats::tsc().wrapping_sub(t0));
+    cpu.data.stats.cycles(t0.elapsed());
     FAST_HANDLED
 }
 
@@ -189,7 +189,7 @@ pub(crate) extern "sysv64" fn dispatch(
         // Reason 1 with flag bits set: the fast path declined it, the same handling applies.
         let t0 = crate::stats::tsc();
         crate::intr::on_external_interrupt(&mut crate::intr::IntrCtx::of(&mut ctx));
-        cpu.data.stats.cycles(crate::stats::tsc().wrapping_sub(t0));
+        cpu.data.stats.cycles(t0.elapsed());
         ExitAction::Resume
     } else {
         let handler = HANDLERS.get(usize::from(reason.basic())).copied().flatten();

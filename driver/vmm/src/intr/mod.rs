@@ -47,6 +47,18 @@ impl<'a> IntrCtx<'a> {
         }
     }
 
+    /// A copy of the context for a call that is not inlined. The exit path passes this, never
+    /// `&mut self`, to such calls: a context whose address never escapes stays in registers.
+    #[inline(always)]
+    pub fn reborrow(&mut self) -> IntrCtx<'_> {
+        IntrCtx {
+            vmcs: self.vmcs,
+            cpu: self.cpu,
+            root: &mut *self.root,
+            timed: self.timed,
+        }
+    }
+
     /// Counts an anomaly and logs it with a detail word.
     pub fn anomaly(&mut self, kind: Anomaly, detail: u64) {
         self.cpu.data.stats.anomaly(kind);
@@ -80,44 +92,57 @@ pub fn guest_view(vmcs: &Vmcs) -> GuestView {
 #[inline(always)]
 pub fn on_external_interrupt(ctx: &mut IntrCtx<'_>) {
     let info = ExitIntrInfo::from_raw(ctx.vmcs.read32_known(ro::VMEXIT_INTERRUPTION_INFO));
+    if !info.valid() || info.kind() != intr_type::EXTERNAL {
+        return on_unusual_info(ctx.reborrow(), info);
+    }
+    let v = Vector(info.vector());
+    ctx.cpu.data.stats.extint(v.0);
+    let g = guest_view(ctx.vmcs);
+    if !ctx.root.pending.is_empty() {
+        return join_pending(ctx.reborrow(), v, g);
+    }
+    match policy::decide(ctx.root.mode, v, &g) {
+        Delivery::Replay => {
+            replay_or_inject(ctx, v, &g);
+        }
+        Delivery::Inject => inject(ctx, v, &g),
+        Delivery::Defer(wait) => defer(ctx.reborrow(), v, wait),
+    }
+}
+
+/// Exit reason 1 without an acknowledged external interrupt: exit-sti, or an anomaly.
+#[inline(never)]
+fn on_unusual_info(mut ctx: IntrCtx<'_>, info: ExitIntrInfo) {
     if !info.valid() {
         if ctx.root.mode.acks_on_exit() {
             // Ack was on yet nothing was acknowledged: the vector is still in the IRR, so the
             // exit-sti path still delivers it. Counted, never dropped.
             ctx.anomaly(Anomaly::InvalidIntrInfo, u64::from(info.raw()));
         }
-        on_unacknowledged(ctx);
-        return;
-    }
-    if info.kind() != intr_type::EXTERNAL {
-        ctx.anomaly(Anomaly::UnexpectedIntrType, u64::from(info.raw()));
-        return;
-    }
-    let v = Vector(info.vector());
-    ctx.cpu.data.stats.extint(v.0);
-    let g = guest_view(ctx.vmcs);
-    if ctx.root.pending.is_empty() {
-        match policy::decide(ctx.root.mode, v, &g) {
-            Delivery::Replay => {
-                replay_or_inject(ctx, v, &g);
-            }
-            Delivery::Inject => inject(ctx, v, &g),
-            Delivery::Defer(wait) => {
-                ctx.root.pending.insert(v);
-                ctx.cpu.data.stats.deferral();
-                let (window, cr8) = (wait == Wait::Window, wait == Wait::Priority);
-                inject::set_waits(ctx.vmcs, ctx.root, window, cr8);
-            }
-        }
+        on_unacknowledged(&mut ctx);
     } else {
-        // Older vectors wait: join them so delivery stays in priority order.
-        if !ctx.root.pending.insert(v) {
-            ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0));
-        }
-        deliver_pending(ctx, &g);
-        if ctx.root.pending.contains(v) {
-            ctx.cpu.data.stats.deferral();
-        }
+        ctx.anomaly(Anomaly::UnexpectedIntrType, u64::from(info.raw()));
+    }
+}
+
+/// `v` must wait: into the pending set, with the exit that brings it back.
+#[inline(never)]
+fn defer(ctx: IntrCtx<'_>, v: Vector, wait: Wait) {
+    ctx.root.pending.insert(v);
+    ctx.cpu.data.stats.deferral();
+    let (window, cr8) = (wait == Wait::Window, wait == Wait::Priority);
+    inject::set_waits(ctx.vmcs, ctx.root, window, cr8);
+}
+
+/// Older vectors wait: `v` joins them so delivery stays in priority order.
+#[inline(never)]
+fn join_pending(mut ctx: IntrCtx<'_>, v: Vector, g: GuestView) {
+    if !ctx.root.pending.insert(v) {
+        ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0));
+    }
+    deliver_pending(&mut ctx, &g);
+    if ctx.root.pending.contains(v) {
+        ctx.cpu.data.stats.deferral();
     }
 }
 
@@ -184,12 +209,18 @@ fn replay_or_inject(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView) -> bool {
             false
         }
         Err(why) => {
-            ctx.cpu.data.stats.anomaly(Anomaly::RejectedGate);
-            ctx.log(LogKind::GateRejected, u64::from(v.0), why as u64);
+            rejected(ctx.reborrow(), v, why as u64);
             inject(ctx, v, g);
             true
         }
     }
+}
+
+/// A gate failed validation: counted and logged (the caller injects the vector).
+#[inline(never)]
+fn rejected(ctx: IntrCtx<'_>, v: Vector, why: u64) {
+    ctx.cpu.data.stats.anomaly(Anomaly::RejectedGate);
+    ctx.log(LogKind::GateRejected, u64::from(v.0), why);
 }
 
 /// This CPU's IDT as the guest has it loaded. The limit is re-read only when the base moved:
@@ -228,29 +259,28 @@ fn run_at_dispatch(
     frame: policy::FrameStack,
     guest_cr8: u8,
 ) -> u64 {
-    match root.platform {
-        Some(platform) if !root.irql_is_cr8 => {
-            let call = PlatformRun {
-                platform,
-                what,
-                frame,
-                cycles: core::cell::Cell::new(0),
-            };
-            crate::exit::stub::with_fx_saved(platform_run, &call);
-            call.cycles.get()
-        }
-        _ => {
-            if guest_cr8 < policy::DISPATCH_LEVEL {
-                // SAFETY: raising the task priority only masks interrupts (IF=0 here anyway).
-                unsafe { regs::set_cr8(policy::DISPATCH_LEVEL) };
-            }
-            let cycles = run(what, frame);
-            // SAFETY: back to the guest's own CR8 (written even when equal, so a handler that
-            // left CR8 elsewhere is corrected); IF=0 in root, nothing is delivered here.
-            unsafe { regs::set_cr8(guest_cr8) };
-            cycles
-        }
+    // `irql_is_cr8` first: the common case decides on one byte.
+    if !root.irql_is_cr8
+        && let Some(platform) = root.platform
+    {
+        let call = PlatformRun {
+            platform,
+            what,
+            frame,
+            cycles: core::cell::Cell::new(0),
+        };
+        crate::exit::stub::with_fx_saved(platform_run, &call);
+        return call.cycles.get();
     }
+    if guest_cr8 < policy::DISPATCH_LEVEL {
+        // SAFETY: raising the task priority only masks interrupts (IF=0 here anyway).
+        unsafe { regs::set_cr8(policy::DISPATCH_LEVEL) };
+    }
+    let cycles = run(what, frame);
+    // SAFETY: back to the guest's own CR8 (written even when equal, so a handler that left
+    // CR8 elsewhere is corrected); IF=0 in root, nothing is delivered here.
+    unsafe { regs::set_cr8(guest_cr8) };
+    cycles
 }
 
 #[inline(always)]
@@ -260,7 +290,7 @@ fn run(what: RootRun, frame: policy::FrameStack) -> u64 {
         RootRun::Gate { handler, kcs, kss } => replay::call_handler(handler, kcs, kss, frame),
         RootRun::StiWindow => replay::sti_window(frame),
     }
-    crate::stats::tsc().wrapping_sub(t0)
+    t0.elapsed()
 }
 
 /// A [`RootRun`] through the platform's IRQL functions, run by [`platform_run`].

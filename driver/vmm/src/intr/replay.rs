@@ -39,7 +39,6 @@ unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u6
         "call rdi",                       // pushes RIP; the handler ends in IRETQ
         ".global ackvisor_replay_return", //
         "ackvisor_replay_return:",        // IRETQ resumes here with RSP = rbp
-        "mov rsp, rbp",                   // (already equal; states the invariant)
         "pop rbp",                        //
         "ret",                            //
     )
