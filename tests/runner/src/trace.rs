@@ -117,6 +117,11 @@ pub struct RootCount {
     pub instructions: u64,
     /// Instructions left out as the OS handler's (gate entry to its IRETQ, both included).
     pub handler_instructions: u64,
+    /// OS handler runs (outermost gate entries), in root or in the guest.
+    pub handler_runs: u64,
+    /// Instructions of those runs, wherever they ran (gate entry to IRETQ, nested ones
+    /// included): the handler's own cost, which `guest_overhead` contains and `e2e` does not.
+    pub handler_total: u64,
     /// Counted instructions by mnemonic.
     pub by_mnemonic: BTreeMap<String, u64>,
     /// Counted instructions that name a vector register (XMM/YMM/ZMM/MXCSR).
@@ -154,6 +159,8 @@ struct CpuState {
     depth: u32,
     /// The CPU delivered an interrupt: its next instruction is a gate's first.
     delivered: bool,
+    /// Handler depth of the guest when the window opened (a VM exit inside a guest handler).
+    guest_depth: u32,
 }
 
 /// Bochs's debugger line for an event delivered through the IDT: `CPU 1: Interrupt 0xd1
@@ -195,7 +202,7 @@ impl Counter {
     /// Feeds an interrupt delivery through the IDT ([`parse_delivery`]).
     pub fn delivered(&mut self, cpu: usize) {
         if let Some(s) = self.cpu(cpu) {
-            s.delivered = s.in_window;
+            s.delivered = true;
         }
     }
 
@@ -212,25 +219,35 @@ impl Counter {
             }
             *s = CpuState {
                 in_window: true,
+                guest_depth: if s.in_window { 0 } else { s.depth },
                 ..CpuState::default()
             };
         }
-        if !s.in_window {
-            return;
-        }
         let mnemonic = i.mnemonic();
-        if map.is_gate(i.rip) || s.delivered {
+        let iret = mnemonic == "iret" || mnemonic == "iretq";
+        // Outside a window only deliveries announce a handler (the guest's code may sit at
+        // any address); inside, a CALL to a gate target does too (replay).
+        if s.delivered || (s.in_window && map.is_gate(i.rip)) {
+            if s.depth == 0 {
+                c.handler_runs += 1;
+            }
             s.depth += 1;
             s.delivered = false;
         }
         if s.depth > 0 {
-            c.handler_instructions += 1;
-            if mnemonic == "iret" || mnemonic == "iretq" {
+            c.handler_total += 1;
+            if s.in_window {
+                c.handler_instructions += 1;
+            }
+            if iret {
                 s.depth -= 1;
             }
             return;
         }
-        if mnemonic == "iret" || mnemonic == "iretq" {
+        if !s.in_window {
+            return;
+        }
+        if iret {
             c.irregular += 1;
         }
         c.instructions += 1;
@@ -242,6 +259,7 @@ impl Counter {
         }
         if mnemonic == "vmresume" {
             s.in_window = false;
+            s.depth = s.guest_depth;
             c.exits += 1;
         }
     }
@@ -252,6 +270,7 @@ impl Counter {
             if s.in_window {
                 self.current.irregular += 1;
             }
+            // A guest handler may straddle the phase's end: the next phase starts clean.
             *s = CpuState::default();
         }
         std::mem::take(&mut self.current)
@@ -355,6 +374,7 @@ mod tests {
         assert_eq!(r.exits, 1);
         assert_eq!(r.instructions, 7);
         assert_eq!(r.handler_instructions, 5);
+        assert_eq!((r.handler_runs, r.handler_total), (1, 5));
         assert_eq!(r.of(&VMCS_ACCESS), 2);
         assert_eq!(r.of(&HEAVY), 2);
         assert_eq!(r.irregular, 0);
@@ -379,6 +399,22 @@ mod tests {
         assert_eq!((r.exits, r.instructions, r.handler_instructions), (1, 5, 3));
         assert_eq!(r.irregular, 0);
         assert_eq!(parse_delivery("CPU 0: HALTED"), None);
+    }
+
+    /// Passthrough: the guest's own handler is counted as a handler run, never as root's.
+    #[test]
+    fn a_guest_delivery_counts_only_as_handler() {
+        let mut c = Counter::new(MAP);
+        let feed = |c: &mut Counter, l: String| c.feed(&parse_line(&l).unwrap());
+        feed(&mut c, line(0, 0x500, "pause"));
+        c.delivered(0);
+        feed(&mut c, line(0, 0x501, "jmp .-2")); // really the gate's `push 0xd1`
+        feed(&mut c, line(0, 0x8025, "jmp .+834"));
+        feed(&mut c, line(0, 0x8104, "iret"));
+        feed(&mut c, line(0, 0x501, "jmp .-2"));
+        let r = c.finish_phase();
+        assert_eq!((r.exits, r.instructions, r.handler_instructions), (0, 0, 0));
+        assert_eq!((r.handler_runs, r.handler_total), (1, 3));
     }
 
     #[test]
