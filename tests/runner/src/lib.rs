@@ -19,6 +19,7 @@
 
 pub mod ackctl;
 pub mod relay;
+pub mod rootcode;
 pub mod trace;
 
 use std::collections::{BTreeMap, HashMap};
@@ -115,6 +116,15 @@ pub fn kernel_image_with(stats: bool) -> Result<PathBuf, String> {
     static WITHOUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let slot = if stats { &WITH } else { &WITHOUT };
     slot.get_or_init(|| build_kernel_image(stats)).clone()
+}
+
+/// The kernel's ELF (with symbols) behind [`kernel_image_with`], built if needed.
+pub fn kernel_elf_with(stats: bool) -> Result<PathBuf, String> {
+    let image = kernel_image_with(stats)?;
+    let dir = image
+        .parent()
+        .ok_or_else(|| format!("{} has no directory", image.display()))?;
+    Ok(dir.join("x86_64-unknown-linux-gnu/release/testkernel"))
 }
 
 fn build_kernel_image(stats: bool) -> Result<PathBuf, String> {

@@ -124,13 +124,15 @@ const FAST_HANDLED: u64 = 0;
 /// [`dispatch_fast`]: not an external-interrupt exit, take the slow path.
 const FAST_DECLINED: u64 = 1;
 
-/// Called by the stub first, with only the volatile GPRs saved and no FXSAVE: handles exit
-/// reason 1 (exactly, no flag bits) in full and returns [`FAST_HANDLED`]; declines everything
-/// else untouched ([`FAST_DECLINED`]), which the stub hands to [`dispatch`]. Nothing reachable
-/// from here may use an XMM register (the runner's `root_code_uses_no_vector_registers`).
+/// Called by the stub first, with only the volatile GPRs saved and no FXSAVE: handles the
+/// common external-interrupt exits in full ([`crate::intr::try_fast`]) and returns
+/// [`FAST_HANDLED`]; declines everything else having changed nothing ([`FAST_DECLINED`]), and
+/// the stub hands it to [`dispatch`]. Nothing reachable from here may use an XMM register (the
+/// runner's `root_code_uses_no_vector_registers`).
 pub(crate) extern "sysv64" fn dispatch_fast(cpu: &PerCpu) -> u64 {
     // SAFETY: a VM exit just happened on this CPU, so its VMCS is current.
     let vmcs = unsafe { Vmcs::current() };
+    // Exactly reason 1: an entry failure or any flag bit goes the slow way.
     if vmcs.read32_known(ro::EXIT_REASON) != u32::from(reason::EXTERNAL_INTERRUPT) {
         return FAST_DECLINED;
     }
@@ -138,17 +140,16 @@ pub(crate) extern "sysv64" fn dispatch_fast(cpu: &PerCpu) -> u64 {
     // SAFETY: root mode of the CPU that owns `cpu` (the stub found it in this CPU's host
     // stack); the exit path is not reentrant.
     let root = unsafe { cpu.root() };
-    cpu.data.stats.exit(reason::EXTERNAL_INTERRUPT);
-    if root.exiting_suspended {
-        crate::intr::inject::resume_exiting(&vmcs, root);
-    }
     let mut ctx = crate::intr::IntrCtx {
         vmcs: &vmcs,
         cpu,
         root,
         timed: true,
     };
-    crate::intr::on_external_interrupt(&mut ctx);
+    if !crate::intr::try_fast(&mut ctx) {
+        return FAST_DECLINED;
+    }
+    cpu.data.stats.exit(reason::EXTERNAL_INTERRUPT);
     cpu.data.stats.cycles(t0.elapsed());
     FAST_HANDLED
 }
@@ -186,7 +187,7 @@ pub(crate) extern "sysv64" fn dispatch(
     } else if reason.entry_failure() {
         ctx.fatal(FatalKind::EntryFailure)
     } else if reason.basic() == reason::EXTERNAL_INTERRUPT {
-        // Reason 1 with flag bits set: the fast path declined it, the same handling applies.
+        // Reason 1 the fast path declined (see `intr::try_fast`): the full handling.
         let t0 = crate::stats::tsc();
         crate::intr::on_external_interrupt(&mut crate::intr::IntrCtx::of(&mut ctx));
         cpu.data.stats.cycles(t0.elapsed());

@@ -88,6 +88,58 @@ pub fn guest_view(vmcs: &Vmcs) -> GuestView {
     }
 }
 
+/// Exit reason 1 on the exit stub's fast path (no FXSAVE): handles the common cases in full
+/// and returns true, or returns false having changed nothing, and the slow path
+/// ([`on_external_interrupt`], with the vector state saved) takes the exit from the start.
+/// Common: an acknowledged vector with nothing pending that the guest can take now (replay
+/// through a valid gate, or injection), and exit-sti's root window. Declined: deferrals,
+/// vectors joining pending ones, rejected gates, anomalies, exit-sti hand-overs and the exit
+/// after one. So only this much code must be free of XMM (the runner's
+/// `root_code_uses_no_vector_registers` proves it of the build).
+#[inline(always)]
+pub fn try_fast(ctx: &mut IntrCtx<'_>) -> bool {
+    if ctx.root.exiting_suspended {
+        return false;
+    }
+    let info = ExitIntrInfo::from_raw(ctx.vmcs.read32_known(ro::VMEXIT_INTERRUPTION_INFO));
+    if !info.valid() {
+        if ctx.root.mode.acks_on_exit() {
+            return false;
+        }
+        let g = guest_view(ctx.vmcs);
+        let highest = ctx
+            .root
+            .apic
+            .and_then(crate::arch::apic::highest_irr)
+            .map(Vector);
+        if policy::sti_window(highest, &g) != StiWindow::Open {
+            return false;
+        }
+        open_sti_window(ctx, &g);
+        return true;
+    }
+    if info.kind() != intr_type::EXTERNAL || !ctx.root.pending.is_empty() {
+        return false;
+    }
+    let v = Vector(info.vector());
+    let g = guest_view(ctx.vmcs);
+    match policy::decide(ctx.root.mode, v, &g) {
+        Delivery::Replay => {
+            let Ok(handler) = gate_handler(ctx, v) else {
+                return false;
+            };
+            ctx.cpu.data.stats.extint(v.0);
+            replay(ctx, v, &g, handler);
+        }
+        Delivery::Inject => {
+            ctx.cpu.data.stats.extint(v.0);
+            inject(ctx, v, &g);
+        }
+        Delivery::Defer(_) => return false,
+    }
+    true
+}
+
 /// Exit reason 1.
 #[inline(always)]
 pub fn on_external_interrupt(ctx: &mut IntrCtx<'_>) {
@@ -186,26 +238,9 @@ fn deliver_pending(ctx: &mut IntrCtx<'_>, g: &GuestView) {
 /// Replays `v`; a rejected gate is counted and the vector injected. True if injected.
 #[inline(always)]
 fn replay_or_inject(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView) -> bool {
-    let (base, limit) = guest_idt(ctx.vmcs, ctx.root);
-    let gate = replay::read_gate(base, limit, v);
-    let frame = policy::frame_stack(g.cpl, g.rsp);
-    let result = policy::validate_gate(v, gate, limit, ctx.root.kernel_cs).map(|handler| {
-        let what = RootRun::Gate {
-            handler,
-            kcs: ctx.root.kernel_cs,
-            kss: ctx.root.kernel_ss,
-        };
-        run_at_dispatch(ctx.root, what, frame, g.cr8)
-    });
-    match result {
-        Ok(cycles) => {
-            ctx.cpu.data.stats.replay(v.0);
-            // Only reason-1 exits are timed (`Stats::cycles`); a replay from a window or CR8
-            // exit would otherwise inflate the handler share beyond the total.
-            if ctx.timed {
-                ctx.cpu.data.stats.handler_cycles(cycles);
-            }
-            wake(ctx, g);
+    match gate_handler(ctx, v) {
+        Ok(handler) => {
+            replay(ctx, v, g, handler);
             false
         }
         Err(why) => {
@@ -214,6 +249,32 @@ fn replay_or_inject(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView) -> bool {
             true
         }
     }
+}
+
+/// `v`'s handler in this CPU's IDT, if root may call it (DESIGN §3.4).
+#[inline(always)]
+fn gate_handler(ctx: &mut IntrCtx<'_>, v: Vector) -> Result<u64, policy::GateRejection> {
+    let (base, limit) = guest_idt(ctx.vmcs, ctx.root);
+    let gate = replay::read_gate(base, limit, v);
+    policy::validate_gate(v, gate, limit, ctx.root.kernel_cs)
+}
+
+/// Calls `handler` for `v` at IRQL ≥ DISPATCH, counts the replay, wakes a halted guest.
+#[inline(always)]
+fn replay(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView, handler: u64) {
+    let what = RootRun::Gate {
+        handler,
+        kcs: ctx.root.kernel_cs,
+        kss: ctx.root.kernel_ss,
+    };
+    let cycles = run_at_dispatch(ctx.root, what, policy::frame_stack(g.cpl, g.rsp), g.cr8);
+    ctx.cpu.data.stats.replay(v.0);
+    // Only reason-1 exits are timed (`Stats::cycles`); a replay from a window or CR8 exit
+    // would otherwise inflate the handler share beyond the total.
+    if ctx.timed {
+        ctx.cpu.data.stats.handler_cycles(cycles);
+    }
+    wake(ctx, g);
 }
 
 /// A gate failed validation: counted and logged (the caller injects the vector).
@@ -334,21 +395,25 @@ fn on_unacknowledged(ctx: &mut IntrCtx<'_>) {
         .and_then(crate::arch::apic::highest_irr)
         .map(Vector);
     match policy::sti_window(highest, &g) {
-        StiWindow::Open => {
-            ctx.cpu.data.stats.sti_window();
-            // DESIGN §4: NT's epilogue must not find an IRQL below DISPATCH, and a class ≤ 2
-            // vector raised by the handler (a DPC request) must wait for the guest instead of
-            // slipping in between the handler's IRETQ and our CLI. `policy::sti_window` gave
-            // class ≤ 2 IRR vectors to the guest, so the highest one stays deliverable.
-            let frame = policy::frame_stack(g.cpl, g.rsp);
-            let cycles = run_at_dispatch(ctx.root, RootRun::StiWindow, frame, g.cr8);
-            ctx.cpu.data.stats.handler_cycles(cycles);
-        }
+        StiWindow::Open => open_sti_window(ctx, &g),
         StiWindow::GuestTakes => {
             ctx.cpu.data.stats.guest_take();
             inject::suspend_exiting(ctx.vmcs, ctx.root);
         }
     }
+}
+
+/// exit-sti's root window on the stack a real interrupt's frame would use.
+#[inline(always)]
+fn open_sti_window(ctx: &mut IntrCtx<'_>, g: &GuestView) {
+    ctx.cpu.data.stats.sti_window();
+    // DESIGN §4: NT's epilogue must not find an IRQL below DISPATCH, and a class ≤ 2 vector
+    // raised by the handler (a DPC request) must wait for the guest instead of slipping in
+    // between the handler's IRETQ and our CLI. `policy::sti_window` gave class ≤ 2 IRR vectors
+    // to the guest, so the highest one stays deliverable.
+    let frame = policy::frame_stack(g.cpl, g.rsp);
+    let cycles = run_at_dispatch(ctx.root, RootRun::StiWindow, frame, g.cr8);
+    ctx.cpu.data.stats.handler_cycles(cycles);
 }
 
 /// Writes `mode`'s controls into the current VMCS.
