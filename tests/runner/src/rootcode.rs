@@ -149,22 +149,23 @@ pub fn check(elf: &[u8]) -> Result<Report, String> {
     let mut by_start = BTreeMap::new();
     for s in file.symbols() {
         // Labels from assembly (`ackvisor_exit_slow`) come as untyped symbols.
-        if matches!(
+        let code = matches!(
             s.kind(),
             SymbolKind::Text | SymbolKind::Label | SymbolKind::Unknown
-        ) && s.address() != 0
+        );
+        if code
+            && s.address() != 0
+            && let Ok(name) = s.name()
         {
-            if let Ok(name) = s.name() {
-                let end = s.address() + s.size();
-                by_start
-                    .entry(s.address())
-                    .and_modify(|e: &mut (u64, String)| {
-                        if s.size() > 0 && e.0 == s.address() {
-                            *e = (end, name.to_string());
-                        }
-                    })
-                    .or_insert((end, name.to_string()));
-            }
+            let end = s.address() + s.size();
+            by_start
+                .entry(s.address())
+                .and_modify(|e: &mut (u64, String)| {
+                    if s.size() > 0 && e.0 == s.address() {
+                        *e = (end, name.to_string());
+                    }
+                })
+                .or_insert((end, name.to_string()));
         }
     }
     let syms = Symbols { by_start };

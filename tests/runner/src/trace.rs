@@ -49,7 +49,8 @@ impl TraceMap {
     }
 
     fn is_gate(&self, rip: u64) -> bool {
-        (self.gates_lo..self.gates_hi).contains(&rip) && (rip - self.gates_lo) % self.stride == 0
+        (self.gates_lo..self.gates_hi).contains(&rip)
+            && (rip - self.gates_lo).is_multiple_of(self.stride)
     }
 }
 
