@@ -88,7 +88,7 @@ pub const ENABLED: bool = cfg!(feature = "stats");
 /// The TSC's low 32 bits for the root-cycle counters, or 0 without `stats`: the build without
 /// the counters has no timing instrument on the exit path either (issue 11). Benchmarks measure
 /// from outside the path instead (Bochs's instruction trace, the guest's TSC gaps). Deltas are
-/// taken with [`Tsc::since`], modulo 2^32: one exit lasting 2^32 cycles (a second or more)
+/// taken with [`Tsc::elapsed`], modulo 2^32: one exit lasting 2^32 cycles (a second or more)
 /// would wrap, and root mode never runs that long with IF=0.
 #[inline(always)]
 pub fn tsc() -> Tsc {

@@ -263,7 +263,7 @@ extern "sysv64" fn fx_saved_raw(f: usize, arg: usize) {
     )
 }
 
-/// [`fx_saved_raw`] for a typed argument.
+/// Calls `f(arg)` with the vector state saved around it (`fx_saved_raw`), for a typed argument.
 #[inline(always)]
 pub fn with_fx_saved<T>(f: extern "sysv64" fn(&T), arg: &T) {
     fx_saved_raw(f as usize, arg as *const T as usize);
