@@ -4,7 +4,8 @@
 
 /// GPRs in SDM register-number order (RAX=0 … R15=15), so an exit qualification's register
 /// field indexes them directly. The RSP slot is not the guest's RSP (that lives in the VMCS):
-/// the stub leaves it unused.
+/// the stub leaves it unused. On the fast external-interrupt path only the nine volatile
+/// registers' slots are filled, and nothing reads them; handlers get all fifteen.
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct GuestRegs {

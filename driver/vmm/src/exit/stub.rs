@@ -245,8 +245,12 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
 /// Calls `f(arg)` with the caller's XMM0–15/MXCSR saved around it (FXSAVE64/FXRSTOR64 on a
 /// 16-byte-aligned area of this stack). For code on the fast exit path that is not ours to
 /// prove free of XMM: the platform's IRQL functions (DESIGN §4, NT).
+///
+/// # Safety
+/// `f` is the address of an `extern "sysv64" fn(usize)`-compatible function that may be
+/// called with `arg`, and the stack has 528 bytes to spare.
 #[unsafe(naked)]
-extern "sysv64" fn fx_saved_raw(f: usize, arg: usize) {
+unsafe extern "sysv64" fn fx_saved_raw(f: usize, arg: usize) {
     core::arch::naked_asm!(
         "push rbp",            // rsp 16-aligned now
         "mov rbp, rsp",        //
@@ -266,7 +270,9 @@ extern "sysv64" fn fx_saved_raw(f: usize, arg: usize) {
 /// Calls `f(arg)` with the vector state saved around it (`fx_saved_raw`), for a typed argument.
 #[inline(always)]
 pub fn with_fx_saved<T>(f: extern "sysv64" fn(&T), arg: &T) {
-    fx_saved_raw(f as usize, arg as *const T as usize);
+    // SAFETY: `f` is a function taking one pointer-sized argument in RDI, called with a valid
+    // `&T` for the whole call; exit paths use a few hundred bytes of the 24 KiB host stack.
+    unsafe { fx_saved_raw(f as usize, arg as *const T as usize) };
 }
 
 /// VMRESUME failed: nothing can continue on this CPU.
