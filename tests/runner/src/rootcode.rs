@@ -68,8 +68,10 @@ impl Report {
 }
 
 struct Symbols {
-    /// start -> (end, name), text symbols only.
+    /// start -> (end, name), text symbols only; a sized symbol wins over a label at its start.
     by_start: BTreeMap<u64, (u64, String)>,
+    /// Every code symbol's name and address (labels sharing a function's address included).
+    by_name: Vec<(String, u64)>,
 }
 
 impl Symbols {
@@ -84,10 +86,10 @@ impl Symbols {
     }
 
     fn address_of(&self, part: &str) -> Option<u64> {
-        self.by_start
+        self.by_name
             .iter()
-            .find(|(_, (_, n))| n.contains(part))
-            .map(|(a, _)| *a)
+            .find(|(n, _)| n.contains(part))
+            .map(|(_, a)| *a)
     }
 }
 
@@ -147,6 +149,7 @@ fn vector_use(i: &Instruction) -> bool {
 pub fn check(elf: &[u8]) -> Result<Report, String> {
     let file = object::File::parse(elf).map_err(|e| format!("not an ELF: {e}"))?;
     let mut by_start = BTreeMap::new();
+    let mut by_name = Vec::new();
     for s in file.symbols() {
         // Labels from assembly (`ackvisor_exit_slow`) come as untyped symbols.
         let code = matches!(
@@ -157,6 +160,7 @@ pub fn check(elf: &[u8]) -> Result<Report, String> {
             && s.address() != 0
             && let Ok(name) = s.name()
         {
+            by_name.push((name.to_string(), s.address()));
             let end = s.address() + s.size();
             by_start
                 .entry(s.address())
@@ -168,7 +172,7 @@ pub fn check(elf: &[u8]) -> Result<Report, String> {
                 .or_insert((end, name.to_string()));
         }
     }
-    let syms = Symbols { by_start };
+    let syms = Symbols { by_start, by_name };
     let entry = syms
         .address_of(ENTRY)
         .ok_or_else(|| format!("no symbol {ENTRY} in the image"))?;

@@ -126,8 +126,7 @@ const fn gpr(n: usize) -> usize {
 ///
 /// ```text
 ///   HOST_RSP  -> &PerCpu
-///   rsp       -> GuestRegs (144 bytes: 16 GPR slots, pad)               at the fast CALL
-///             -  FXSAVE area (512)                                      slow path only
+///   rsp       -> GuestRegs (144 bytes: 16 GPR slots, pad)   at both CALLs
 /// ```
 ///
 /// Two paths (issue 11: the external-interrupt exit is the one that must be cheap):
@@ -137,9 +136,9 @@ const fn gpr(n: usize) -> usize {
 ///   the code reachable from here uses none (the runner's `root_code_uses_no_vector_registers`
 ///   test disassembles it), NT's interrupt entry saves the volatile XMM registers for the
 ///   handler it runs, and platform IRQL calls go through [`with_fx_saved`].
-/// - **slow** (`dispatch_fast` returned nonzero: any other exit): complete `GuestRegs` with
-///   the six callee-saved registers (still the guest's), FXSAVE, call `exit::dispatch`,
-///   FXRSTOR and restore all fifteen (handlers may change any of them).
+/// - **slow** (`dispatch_fast` returned nonzero: any other exit): [`exit_slow`] completes
+///   `GuestRegs` with the six callee-saved registers (still the guest's), saves the vector
+///   state and calls `exit::dispatch`; then all fifteen come back (handlers may change any).
 #[unsafe(naked)]
 pub extern "sysv64" fn vm_exit_entry() -> ! {
     core::arch::naked_asm!(
@@ -171,23 +170,10 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         "add rsp, {regs}",                  // rsp = HOST_RSP again
         "vmresume",                         // success does not come back
         "jmp 4f",                           //
-        "2:",                               // -- slow path: the rest of GuestRegs
-        ".global ackvisor_exit_slow",       // (the XMM check stops here: FXSAVE follows)
-        "ackvisor_exit_slow:",              //
-        "mov [rsp + {rbx}], rbx",           // callee-saved: the fast call preserved them
-        "mov [rsp + {rbp}], rbp",           //
-        "mov [rsp + {r12}], r12",           //
-        "mov [rsp + {r13}], r13",           //
-        "mov [rsp + {r14}], r14",           //
-        "mov [rsp + {r15}], r15",           //
+        "2:",                               // -- slow path: every other exit
         "mov rdi, rsp",                     // arg 1: &mut GuestRegs
         "mov rsi, [rsp + {regs}]",          // arg 2: &PerCpu
-        "sub rsp, {fx}",                    //
-        "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP
-        "mov rdx, rsp",                     // arg 3: &mut FxArea (forwarded XMM hypercalls)
-        "call {dispatch}",                  // rax = 0 resume, 1 devirtualize
-        "fxrstor64 [rsp]",                  //
-        "add rsp, {fx}",                    // rsp = &GuestRegs
+        "call {slow}",                      // rax = 0 resume, 1 devirtualize
         "cmp rax, 1",                       // flags survive the loads below
         "mov rax, [rsp + {rax}]",           // -- restore all fifteen
         "mov rcx, [rsp + {rcx}]",           //
@@ -234,11 +220,50 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         r13 = const gpr(13),
         r14 = const gpr(14),
         r15 = const gpr(15),
-        fx = const FXSAVE_BYTES,
         devirt = const offset_of!(PerCpu, data) + offset_of!(CpuData, devirt_rsp),
         fast = sym super::dispatch_fast,
-        dispatch = sym super::dispatch,
+        slow = sym exit_slow,
         failed = sym resume_failed,
+    )
+}
+
+/// The slow path of [`vm_exit_entry`], a function of its own so that its stack frame (the
+/// FXSAVE area) has a prologue of its own: completes `GuestRegs` with the six callee-saved
+/// registers (still the guest's: the fast call preserved them), saves XMM0–15/MXCSR and calls
+/// `exit::dispatch`. Returns its answer (0 resume, 1 devirtualize). The XMM check stops at its
+/// first instruction (`ackvisor_exit_slow`), which starts with the saving.
+///
+/// ```text
+///   rsp at entry + 8 -> GuestRegs (rdi)
+///   rsp              -> return into vm_exit_entry
+///                    -  pad (8), FXSAVE area (512)   at the CALL of dispatch
+/// ```
+#[unsafe(naked)]
+extern "sysv64" fn exit_slow(regs: &mut GuestRegs, cpu: &PerCpu) -> u64 {
+    core::arch::naked_asm!(
+        ".global ackvisor_exit_slow",       // the XMM check's boundary
+        "ackvisor_exit_slow:",              //
+        "mov [rdi + {rbx}], rbx",           // callee-saved: still the guest's
+        "mov [rdi + {rbp}], rbp",           //
+        "mov [rdi + {r12}], r12",           //
+        "mov [rdi + {r13}], r13",           //
+        "mov [rdi + {r14}], r14",           //
+        "mov [rdi + {r15}], r15",           //
+        "sub rsp, {frame}",                 // 16-byte aligned FXSAVE area
+        "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP
+        "mov rdx, rsp",                     // arg 3: &mut FxArea (rdi, rsi: args 1, 2)
+        "call {dispatch}",                  // rax = 0 resume, 1 devirtualize
+        "fxrstor64 [rsp]",                  //
+        "add rsp, {frame}",                 //
+        "ret",                              //
+        rbx = const gpr(3),
+        rbp = const gpr(5),
+        r12 = const gpr(12),
+        r13 = const gpr(13),
+        r14 = const gpr(14),
+        r15 = const gpr(15),
+        frame = const FXSAVE_BYTES + 8,
+        dispatch = sym super::dispatch,
     )
 }
 
