@@ -7,8 +7,8 @@
 //! both ways of every conditional branch, every direct jump and call (into the callee, and on
 //! after it), and stops at
 //! - `ret`, `ud2`, `vmresume` (a failed VMRESUME stops the CPU: the guest's state is moot);
-//! - the slow path's label `ackvisor_exit_slow`, whose first act is FXSAVE, and
-//!   `fx_saved_raw`, which saves before it calls anything (the platform's IRQL functions);
+//! - the slow path (`exit_slow`, label `ackvisor_exit_slow`) and `fx_saved_raw` (the platform's
+//!   IRQL functions): each runs FXSAVE before it calls anything;
 //! - the one indirect call it accepts: `call rdi` in `replay_trampoline`, the OS handler, which
 //!   NT's interrupt entry guards by saving the volatile XMM registers itself.
 //!
