@@ -228,7 +228,6 @@ pub fn virtualize_current_cpu(
         idt_base: u64::MAX,
         idt_limit: 0,
         kernel_cs: regs::cs(),
-        gate_expect: crate::intr::policy::GateExpectation::new(regs::cs()),
         kernel_ss: regs::ss(),
         features,
         fatal: None,
