@@ -17,8 +17,8 @@ use ackvisor_vmm::control::frame::{self, Decoded, FrameError, Kind};
 use ackvisor_vmm::control::serve::{ServeEvent, serve};
 use ackvisor_vmm::control::wire::{self, Field, IOCTL_STATUS};
 use ackvisor_vmm::control::{ControlError, ControlTarget, Request};
-use ackvisor_vmm::hypervisor::{CpuState, Features};
-use ackvisor_vmm::stats::Snapshot;
+use ackvisor_vmm::hypervisor::Features;
+use ackvisor_vmm::stats::{Counters, Snapshot};
 use ackvisor_vmm::{CpuIndex, Error, Mode};
 use clap::Parser;
 use serde_json::Value;
@@ -65,13 +65,16 @@ impl ControlTarget for MockTarget {
         }
         Ok(())
     }
-    fn cpu_state(&self, cpu: CpuIndex) -> Option<CpuState> {
+    fn cpu_mode(&self, cpu: CpuIndex) -> Option<Mode> {
+        *self.0.lock().unwrap().modes.get(cpu.0 as usize)?
+    }
+    fn with_cpu_counters(&self, cpu: CpuIndex, f: &mut dyn FnMut(Mode, &dyn Counters)) -> bool {
         let s = self.0.lock().unwrap();
-        let mode = (*s.modes.get(cpu.0 as usize)?)?;
-        Some(CpuState {
-            mode,
-            stats: s.stats[cpu.0 as usize].clone(),
-        })
+        let Some(Some(mode)) = s.modes.get(cpu.0 as usize).copied() else {
+            return false;
+        };
+        f(mode, &s.stats[cpu.0 as usize]);
+        true
     }
     fn reset_stats(&self) {
         let mut s = self.0.lock().unwrap();

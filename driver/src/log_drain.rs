@@ -22,12 +22,13 @@ use wdk_sys::ntddk::{
 };
 use wdk_sys::{
     _EVENT_TYPE::NotificationEvent, _KWAIT_REASON::Executive, _MODE::KernelMode, HANDLE, KEVENT,
-    LARGE_INTEGER, NT_SUCCESS, NTSTATUS, OBJ_KERNEL_HANDLE, OBJECT_ATTRIBUTES, PVOID, PsThreadType,
+    LARGE_INTEGER, NT_SUCCESS, NTSTATUS, OBJ_KERNEL_HANDLE, OBJECT_ATTRIBUTES, PVOID,
     STATUS_SUCCESS, THREAD_ALL_ACCESS,
 };
 
 use crate::lifecycle::{Held, LIFECYCLE};
 use crate::nt_platform::{Level, print};
+use crate::ntapi;
 
 /// How often the worker looks at the rings (each holds 64 records per CPU).
 pub const PERIOD_MS: i64 = 250;
@@ -77,10 +78,7 @@ pub fn start() -> Result<(), NTSTATUS> {
     if !NT_SUCCESS(status) {
         return Err(status);
     }
-    // SAFETY: PsThreadType is exported by ntoskrnl and written once at boot.
-    let thread_type_slot = unsafe { PsThreadType };
-    // SAFETY: it points at the thread object type, valid for the life of the system.
-    let thread_type = unsafe { *thread_type_slot };
+    let thread_type = ntapi::thread_object_type();
     let mut thread: PVOID = ptr::null_mut();
     // SAFETY: `handle` is the kernel handle just created, of a thread. The reference keeps the
     // thread object alive until `stop` has waited on it.

@@ -9,7 +9,7 @@ use core::fmt;
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use crate::ntapi::{KeLowerIrql, KfRaiseIrql, MmMapIoSpaceEx};
+use crate::ntapi::{self, KeLowerIrql, KfRaiseIrql, MmMapIoSpaceEx};
 use ackvisor_vmm::arch::msr::{ApicBase, IA32_APIC_BASE};
 use ackvisor_vmm::arch::regs;
 use ackvisor_vmm::{
@@ -27,7 +27,7 @@ use wdk_sys::{
     _DPFLTR_TYPE::DPFLTR_IHVDRIVER_ID, _MEMORY_CACHING_TYPE::MmCached, ALL_PROCESSOR_GROUPS,
     DISPATCH_LEVEL, DPFLTR_ERROR_LEVEL, DPFLTR_INFO_LEVEL, GROUP_AFFINITY, KAPC_STATE,
     LARGE_INTEGER, NT_SUCCESS, PAGE_NOCACHE, PAGE_READWRITE, PAGE_SIZE, PASSIVE_LEVEL,
-    PROCESSOR_NUMBER, PsInitialSystemProcess,
+    PROCESSOR_NUMBER,
 };
 
 /// Bugcheck code of a root-mode failure ("ACKV"), in the style of wdk-panic's "RPNC".
@@ -163,8 +163,7 @@ impl NtPlatform {
 /// covers any other caller. CR3 in kernel mode is the kernel directory base even with KVA
 /// shadowing, which only loads the user one on the way back to user mode (DESIGN §4).
 fn system_cr3() -> u64 {
-    // SAFETY: PsInitialSystemProcess is written once during boot, long before drivers load.
-    let system = unsafe { PsInitialSystemProcess };
+    let system = ntapi::initial_system_process();
     // SAFETY: IoGetCurrentProcess has no preconditions at PASSIVE.
     if unsafe { IoGetCurrentProcess() } == system {
         return regs::cr3();

@@ -108,7 +108,7 @@ unsafe extern "C" fn on_power_state(_context: PVOID, argument1: PVOID, argument2
     }
     if argument2.is_null() {
         // Leaving S0: remember the mode, keep the last log records, leave VMX on every CPU.
-        let mode = hypervisor::cpu_state(CpuIndex(0)).map_or(Mode::Passthrough, |s| s.mode);
+        let mode = hypervisor::cpu_mode(CpuIndex(0)).unwrap_or(Mode::Passthrough);
         SUSPENDED_MODE.store(mode as u32, Ordering::Relaxed);
         log_drain::drain_all(&held);
         match hypervisor::devirtualize_all() {

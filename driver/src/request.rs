@@ -226,8 +226,8 @@ mod tests {
         FILE_DEVICE_UNKNOWN, FILE_READ_ACCESS, IOCTL_SET_MODE, IOCTL_STATS, IOCTL_STATUS,
         RequestHeader, StatusReply, ctl_code,
     };
-    use ackvisor_vmm::hypervisor::{CpuState, Features};
-    use ackvisor_vmm::stats::Snapshot;
+    use ackvisor_vmm::hypervisor::Features;
+    use ackvisor_vmm::stats::{Counters, Snapshot};
     use ackvisor_vmm::{CpuIndex, Error, Mode};
     use std::cell::Cell;
 
@@ -252,11 +252,15 @@ mod tests {
             self.set_mode_calls.set(self.set_mode_calls.get() + 1);
             Ok(())
         }
-        fn cpu_state(&self, cpu: CpuIndex) -> Option<CpuState> {
-            (cpu.0 < self.cpus).then(|| CpuState {
-                mode: Mode::Passthrough,
-                stats: Snapshot::zero(),
-            })
+        fn cpu_mode(&self, cpu: CpuIndex) -> Option<Mode> {
+            (cpu.0 < self.cpus).then_some(Mode::Passthrough)
+        }
+        fn with_cpu_counters(&self, cpu: CpuIndex, f: &mut dyn FnMut(Mode, &dyn Counters)) -> bool {
+            let present = cpu.0 < self.cpus;
+            if present {
+                f(Mode::Passthrough, &Snapshot::zero());
+            }
+            present
         }
         fn reset_stats(&self) {}
         fn cpu_count(&self) -> u32 {

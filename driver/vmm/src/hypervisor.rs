@@ -12,7 +12,7 @@ use crate::exit::{ExitAction, ExitCtx};
 use crate::intr::Mode;
 use crate::intr::pending::PendingSet;
 use crate::platform::{CpuIndex, Platform};
-use crate::stats::Snapshot;
+use crate::stats::{Snapshot, Stats};
 use crate::vmx::{self, VmxError, caps, vmcs::CR4_VMXE};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
@@ -479,12 +479,30 @@ fn with_cpu<T>(cpu: CpuIndex, f: impl FnOnce(&PerCpu) -> T) -> Option<T> {
     NonNull::new(p).map(|p| f(unsafe { p.as_ref() }))
 }
 
-/// State of one CPU, `None` when it is not virtualized.
+/// State of one CPU, `None` when it is not virtualized. Its 7 KiB do not fit a kernel frame: NT
+/// paths use [`cpu_mode`] and [`with_cpu_counters`].
+// Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+// 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+// to link in the driver (lld-link resolves every symbol of an object it pulls in).
+#[inline]
 pub fn cpu_state(cpu: CpuIndex) -> Option<CpuState> {
     with_cpu(cpu, |p| CpuState {
         mode: p.applied_mode(),
         stats: p.data.stats.snapshot(),
     })
+}
+
+/// The mode one CPU has applied, `None` when it is not virtualized. Reads no counter: where only
+/// the mode is wanted, this keeps a 7 KiB [`CpuState`] off the caller's (kernel) stack.
+pub fn cpu_mode(cpu: CpuIndex) -> Option<Mode> {
+    with_cpu(cpu, |p| p.applied_mode())
+}
+
+/// Runs `f` with one CPU's mode and its live counters, read in place; `None` when it is not
+/// virtualized. The control dispatcher encodes replies this way, one CPU at a time, straight
+/// into the output buffer (a [`Snapshot`] is more than a kernel function may hold on NT's stack).
+pub fn with_cpu_counters<T>(cpu: CpuIndex, f: impl FnOnce(Mode, &Stats) -> T) -> Option<T> {
+    with_cpu(cpu, |p| f(p.applied_mode(), &p.data.stats))
 }
 
 /// Takes the root-mode log records of one CPU, oldest first.

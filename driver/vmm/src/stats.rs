@@ -135,6 +135,7 @@ fn copy<const N: usize>(src: &[AtomicU64; N]) -> [u64; N] {
 }
 
 impl Default for Stats {
+    #[inline]
     fn default() -> Self {
         Self::new()
     }
@@ -142,6 +143,10 @@ impl Default for Stats {
 
 impl Stats {
     /// All zero.
+    // Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+    // 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+    // to link in the driver (lld-link resolves every symbol of an object it pulls in).
+    #[inline]
     pub const fn new() -> Self {
         Self {
             exits: [const { AtomicU64::new(0) }; EXIT_REASON_SLOTS],
@@ -268,6 +273,10 @@ impl Stats {
     }
 
     /// A copy of the counters now.
+    // Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+    // 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+    // to link in the driver (lld-link resolves every symbol of an object it pulls in).
+    #[inline]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             exits: copy(&self.exits),
@@ -287,6 +296,77 @@ impl Stats {
     }
 }
 
+/// Number of counter groups: the fields of [`Snapshot`], in declaration order, which is also the
+/// wire order of `control::wire::CpuStats`.
+pub const COUNTER_GROUPS: usize = 13;
+
+/// Counters read group by group in [`Snapshot`] field order: a [`Snapshot`], or one CPU's live
+/// [`Stats`] read in place. A `Snapshot` is 7 KiB, more than a function may keep on NT's 24 KiB
+/// kernel stack (where the control dispatcher runs), so kernel paths encode from the live
+/// counters through this trait instead of copying them first.
+pub trait Counters {
+    /// Calls `f(group, value)` for every counter, group by group, in [`Snapshot`] field order.
+    fn each(&self, f: &mut dyn FnMut(usize, u64));
+}
+
+impl Stats {
+    /// The counter groups in [`Snapshot`] field order.
+    fn groups(&self) -> [&[AtomicU64]; COUNTER_GROUPS] {
+        use core::slice::from_ref;
+        // Destructured without `..`: a new counter fails to compile here until it is placed.
+        let Self {
+            exits,
+            extint_by_vector,
+            replays_by_vector,
+            injections_by_vector,
+            deferrals,
+            sti_windows,
+            guest_takes,
+            anomalies,
+            cycles_count,
+            cycles_sum,
+            cycles_max,
+            handler_cycles_sum,
+            histogram,
+        } = self;
+        [
+            exits,
+            extint_by_vector,
+            replays_by_vector,
+            injections_by_vector,
+            from_ref(deferrals),
+            from_ref(sti_windows),
+            from_ref(guest_takes),
+            anomalies,
+            from_ref(cycles_count),
+            from_ref(cycles_sum),
+            from_ref(cycles_max),
+            from_ref(handler_cycles_sum),
+            histogram,
+        ]
+    }
+}
+
+impl Counters for Stats {
+    fn each(&self, f: &mut dyn FnMut(usize, u64)) {
+        for (g, group) in self.groups().into_iter().enumerate() {
+            for c in group {
+                f(g, c.load(Ordering::Relaxed));
+            }
+        }
+    }
+}
+
+impl Counters for Snapshot {
+    fn each(&self, f: &mut dyn FnMut(usize, u64)) {
+        for (g, group) in self.groups().into_iter().enumerate() {
+            for v in group {
+                f(g, *v);
+            }
+        }
+    }
+}
+
 fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x = x.wrapping_add(*y);
@@ -295,6 +375,10 @@ fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
 
 impl Snapshot {
     /// All zero.
+    // Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+    // 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+    // to link in the driver (lld-link resolves every symbol of an object it pulls in).
+    #[inline]
     pub const fn zero() -> Self {
         Self {
             exits: [0; EXIT_REASON_SLOTS],
@@ -311,6 +395,42 @@ impl Snapshot {
             handler_cycles_sum: 0,
             histogram: [0; HISTOGRAM_BUCKETS],
         }
+    }
+
+    /// The counter groups in field order (see [`Counters`]).
+    pub fn groups(&self) -> [&[u64]; COUNTER_GROUPS] {
+        use core::slice::from_ref;
+        // Destructured without `..`, like [`Stats`]'s: the two orders are checked equal by a test.
+        let Self {
+            exits,
+            extint_by_vector,
+            replays_by_vector,
+            injections_by_vector,
+            deferrals,
+            sti_windows,
+            guest_takes,
+            anomalies,
+            cycles_count,
+            cycles_sum,
+            cycles_max,
+            handler_cycles_sum,
+            histogram,
+        } = self;
+        [
+            exits,
+            extint_by_vector,
+            replays_by_vector,
+            injections_by_vector,
+            from_ref(deferrals),
+            from_ref(sti_windows),
+            from_ref(guest_takes),
+            anomalies,
+            from_ref(cycles_count),
+            from_ref(cycles_sum),
+            from_ref(cycles_max),
+            from_ref(handler_cycles_sum),
+            histogram,
+        ]
     }
 
     /// Adds another CPU's counters (max for the maximum).
@@ -359,6 +479,7 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     #[test]
@@ -420,6 +541,35 @@ mod tests {
         assert_eq!(m.anomaly(Anomaly::RejectedGate), 1);
         assert_eq!(m.cycles_max, 99);
         assert_eq!(m.cycles_count, 2);
+    }
+
+    #[test]
+    fn live_counters_read_in_place_equal_the_snapshot() {
+        let s = Stats::new();
+        // A distinct value in every group, so a group out of place shows.
+        s.exit(3);
+        s.extint(0x41);
+        s.extint(0x41);
+        s.replay(0x42);
+        s.injection(0x2f);
+        s.deferral();
+        s.sti_window();
+        s.guest_take();
+        s.anomaly(Anomaly::ForeignVmcall);
+        s.cycles(700);
+        s.cycles(50);
+        s.handler_cycles(9);
+        let mut live = std::vec::Vec::new();
+        s.each(&mut |g, v| live.push((g, v)));
+        let mut copied = std::vec::Vec::new();
+        s.snapshot().each(&mut |g, v| copied.push((g, v)));
+        assert_eq!(live, copied);
+        assert_eq!(
+            live.len(),
+            EXIT_REASON_SLOTS + 3 * 256 + 3 + ANOMALY_KINDS + 4 + HISTOGRAM_BUCKETS
+        );
+        assert!(live.contains(&(9, 750)), "cycles_sum is group 9");
+        assert!(live.contains(&(10, 700)), "cycles_max is group 10");
     }
 
     #[test]

@@ -187,6 +187,9 @@ macro_rules! wire_struct {
             fn put(&self, w: &mut Writer<'_>) {
                 $(self.$f.put(w);)*
             }
+            // Inline: compiled only where a struct is decoded. `CpuStats` is 7 KiB, over the
+            // 4 KiB a kernel frame may have, and the driver never decodes one.
+            #[inline]
             fn take(r: &mut Reader<'_>) -> Self {
                 Self { $($f: <$t as Field>::take(r),)* }
             }

@@ -27,9 +27,10 @@ pub use error::{ControlError, CoreFailure};
 use core::mem::offset_of;
 
 use crate::Error;
-use crate::hypervisor::{self, CpuState, Features};
+use crate::hypervisor::{self, Features};
 use crate::intr::Mode;
 use crate::platform::CpuIndex;
+use crate::stats::Counters;
 use error::saturate;
 use wire::{
     CpuModeEntry, CpuStats, Field, MAX_REQUEST_BYTES, PROTOCOL_VERSION, ReplyHeader, RequestHeader,
@@ -42,8 +43,12 @@ use wire::{
 pub trait ControlTarget {
     /// Applies `mode` on every CPU; returns once each has applied it, or the first that failed.
     fn set_mode_all(&self, mode: Mode) -> Result<(), (CpuIndex, Error)>;
-    /// One CPU's mode and counters, `None` when it is not virtualized.
-    fn cpu_state(&self, cpu: CpuIndex) -> Option<CpuState>;
+    /// One CPU's mode, `None` when it is not virtualized.
+    fn cpu_mode(&self, cpu: CpuIndex) -> Option<Mode>;
+    /// Calls `f` with one CPU's mode and counters, read in place; `false` (and no call) when it
+    /// is not virtualized. Replies are encoded from here one CPU at a time: a whole snapshot
+    /// (7 KiB, see [`crate::stats::Counters`]) never sits on the dispatcher's kernel stack.
+    fn with_cpu_counters(&self, cpu: CpuIndex, f: &mut dyn FnMut(Mode, &dyn Counters)) -> bool;
     /// Zeroes every CPU's counters.
     fn reset_stats(&self);
     /// CPUs the platform reports.
@@ -63,8 +68,11 @@ impl ControlTarget for Live {
     fn set_mode_all(&self, mode: Mode) -> Result<(), (CpuIndex, Error)> {
         hypervisor::set_mode_all(mode)
     }
-    fn cpu_state(&self, cpu: CpuIndex) -> Option<CpuState> {
-        hypervisor::cpu_state(cpu)
+    fn cpu_mode(&self, cpu: CpuIndex) -> Option<Mode> {
+        hypervisor::cpu_mode(cpu)
+    }
+    fn with_cpu_counters(&self, cpu: CpuIndex, f: &mut dyn FnMut(Mode, &dyn Counters)) -> bool {
+        hypervisor::with_cpu_counters(cpu, |mode, stats| f(mode, stats)).is_some()
     }
     fn reset_stats(&self) {
         hypervisor::reset_stats();
@@ -258,8 +266,8 @@ fn encoded(n: Option<usize>, needed: usize, output_len: usize) -> Result<(), Con
     })
 }
 
-fn mode_of(state: Option<&CpuState>) -> u32 {
-    state.map_or(wire::MODE_NOT_VIRTUALIZED, |s| s.mode as u32)
+fn mode_of(mode: Option<Mode>) -> u32 {
+    mode.map_or(wire::MODE_NOT_VIRTUALIZED, |m| m as u32)
 }
 
 fn status(target: &dyn ControlTarget, output: &mut [u8]) -> Result<usize, ControlError> {
@@ -280,10 +288,9 @@ fn status(target: &dyn ControlTarget, output: &mut [u8]) -> Result<usize, Contro
     };
     encoded(reply.encode(head), needed, len)?;
     for (cpu, slot) in (0..cpus).zip(entries.chunks_exact_mut(CpuModeEntry::SIZE)) {
-        let state = target.cpu_state(CpuIndex(cpu));
         let entry = CpuModeEntry {
             cpu,
-            mode: mode_of(state.as_ref()),
+            mode: mode_of(target.cpu_mode(CpuIndex(cpu))),
         };
         encoded(entry.encode(slot), needed, len)?;
     }
@@ -353,49 +360,48 @@ fn stats(
     let out = reply_buffer(output, needed)?;
     let (head, body) = out.split_at_mut(StatsReply::SIZE);
     let (aggregate, per_cpu_entries) = body.split_at_mut(CpuStats::SIZE);
-    // The aggregate is summed in place in the reply, one CPU at a time, so no more than one
-    // snapshot (7 KiB) is ever on the stack: this runs on NT's 24 KiB kernel stack.
+    // The aggregate is summed in place in the reply and every entry is encoded from the live
+    // counters, one CPU at a time: no snapshot (7 KiB) is ever on the stack, which is NT's 24 KiB
+    // kernel stack here.
     aggregate.fill(0);
+    let too_small = ControlError::OutputTooSmall {
+        needed: saturate(needed),
+        got: saturate(len),
+    };
     let mut slots = per_cpu_entries.chunks_exact_mut(CpuStats::SIZE);
     let mut virtualized = 0u32;
     let mut common_mode = wire::MODE_NOT_VIRTUALIZED;
     for cpu in 0..cpus {
-        let state = target.cpu_state(CpuIndex(cpu));
-        if let Some(s) = &state {
+        let mut slot = if per_cpu {
+            Some(slots.next().ok_or(too_small)?)
+        } else {
+            None
+        };
+        let mut written = Some(());
+        let present = target.with_cpu_counters(CpuIndex(cpu), &mut |mode, counters| {
             virtualized = virtualized.wrapping_add(1);
+            common_mode = match common_mode {
+                wire::MODE_NOT_VIRTUALIZED => mode as u32,
+                m if m == mode as u32 => m,
+                _ => wire::MODE_MIXED,
+            };
+            written = wire::accumulate_cpu_stats(aggregate, counters)
+                .and_then(|()| {
+                    slot.as_deref_mut().map_or(Some(0), |slot| {
+                        wire::encode_cpu_stats(cpu, mode as u32, counters, slot)
+                    })
+                })
+                .map(|_| ());
+        });
+        written.ok_or(too_small)?;
+        if let (false, Some(slot)) = (present, slot) {
+            slot.fill(0);
+            encoded(cpu.encode(slot), needed, len)?;
             encoded(
-                wire::accumulate_cpu_stats(aggregate, &s.stats).map(|()| 0),
+                wire::MODE_NOT_VIRTUALIZED.encode(slot.get_mut(4..).unwrap_or(&mut [])),
                 needed,
                 len,
             )?;
-            common_mode = match common_mode {
-                wire::MODE_NOT_VIRTUALIZED => s.mode as u32,
-                m if m == s.mode as u32 => m,
-                _ => wire::MODE_MIXED,
-            };
-        }
-        if per_cpu {
-            let slot = slots.next().ok_or(ControlError::OutputTooSmall {
-                needed: saturate(needed),
-                got: saturate(len),
-            })?;
-            match &state {
-                Some(s) => encoded(
-                    wire::encode_cpu_stats(cpu, s.mode as u32, &s.stats, slot),
-                    needed,
-                    len,
-                )?,
-                None => {
-                    slot.fill(0);
-                    let head = (cpu, wire::MODE_NOT_VIRTUALIZED);
-                    encoded(head.0.encode(slot), needed, len)?;
-                    encoded(
-                        head.1.encode(slot.get_mut(4..).unwrap_or(&mut [])),
-                        needed,
-                        len,
-                    )?;
-                }
-            }
         }
     }
     encoded(wire::AGGREGATE_CPU.encode(aggregate), needed, len)?;

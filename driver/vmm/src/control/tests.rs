@@ -9,7 +9,7 @@ use super::frame::{self, Decoded, FrameError, Kind};
 use super::serve::{MIN_REPLY_BUFFER, ServeEvent, serve};
 use super::wire::*;
 use super::*;
-use crate::stats::Snapshot;
+use crate::stats::{Counters, Snapshot};
 
 /// A hypervisor stand-in: per-CPU mode (`None` = not virtualized) and counters, an optional CPU
 /// that refuses mode changes, and a count of every state-changing call.
@@ -72,10 +72,19 @@ impl ControlTarget for Mock {
         }
         Ok(())
     }
-    fn cpu_state(&self, cpu: CpuIndex) -> Option<CpuState> {
-        let mode = (*self.modes.borrow().get(cpu.0 as usize)?)?;
-        let stats = self.stats.borrow().get(cpu.0 as usize)?.clone();
-        Some(CpuState { mode, stats })
+    fn cpu_mode(&self, cpu: CpuIndex) -> Option<Mode> {
+        *self.modes.borrow().get(cpu.0 as usize)?
+    }
+    fn with_cpu_counters(&self, cpu: CpuIndex, f: &mut dyn FnMut(Mode, &dyn Counters)) -> bool {
+        let Some(mode) = self.cpu_mode(cpu) else {
+            return false;
+        };
+        let stats = self.stats.borrow();
+        let Some(s) = stats.get(cpu.0 as usize) else {
+            return false;
+        };
+        f(mode, s);
+        true
     }
     fn reset_stats(&self) {
         self.mutations.set(self.mutations.get() + 1);

@@ -21,7 +21,9 @@
 use super::codec::wire_struct;
 pub use super::codec::{Field, Reader, Writer};
 use crate::hypervisor::Features;
-use crate::stats::{ANOMALY_KINDS, EXIT_REASON_SLOTS, HISTOGRAM_BUCKETS, Snapshot};
+use crate::stats::{
+    ANOMALY_KINDS, COUNTER_GROUPS, Counters, EXIT_REASON_SLOTS, HISTOGRAM_BUCKETS, Snapshot,
+};
 
 // ---- IOCTL codes ------------------------------------------------------------------------------
 
@@ -418,6 +420,10 @@ const _: () = assert!(
 
 impl CpuStats {
     /// The counters as a [`Snapshot`].
+    // Inline: compiled only into crates that call it. Its frame holds a 7 KiB value, over the
+    // 4 KiB a kernel frame may have; an unused copy in the core's object files would still have
+    // to link in the driver (lld-link resolves every symbol of an object it pulls in).
+    #[inline]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             exits: self.exits,
@@ -446,80 +452,72 @@ pub enum Combine {
     Max,
 }
 
+/// How each counter group ([`Snapshot`] field order, see [`Counters`]) combines across CPUs:
+/// everything adds except `cycles_max`.
+pub const GROUP_COMBINE: [Combine; COUNTER_GROUPS] = {
+    let mut c = [Combine::Add; COUNTER_GROUPS];
+    c[CYCLES_MAX_GROUP] = Combine::Max;
+    c
+};
+
+/// The group of `cycles_max` in [`Snapshot`] field order.
+const CYCLES_MAX_GROUP: usize = 10;
+
 /// The counter groups of a [`Snapshot`] in [`CpuStats`] wire order (after `cpu` and `mode`), and
-/// how each combines: the one place encoding and in-place aggregation take the order from.
-pub fn counter_groups(s: &Snapshot) -> [(&[u64], Combine); 13] {
-    use core::slice::from_ref;
-    // Destructured without `..`: a new Snapshot field fails to compile here until it is placed
-    // in the wire order (and PROTOCOL_VERSION is bumped).
-    let Snapshot {
-        exits,
-        extint_by_vector,
-        replays_by_vector,
-        injections_by_vector,
-        deferrals,
-        sti_windows,
-        guest_takes,
-        anomalies,
-        cycles_count,
-        cycles_sum,
-        cycles_max,
-        handler_cycles_sum,
-        histogram,
-    } = s;
-    [
-        (exits, Combine::Add),
-        (extint_by_vector, Combine::Add),
-        (replays_by_vector, Combine::Add),
-        (injections_by_vector, Combine::Add),
-        (from_ref(deferrals), Combine::Add),
-        (from_ref(sti_windows), Combine::Add),
-        (from_ref(guest_takes), Combine::Add),
-        (anomalies, Combine::Add),
-        (from_ref(cycles_count), Combine::Add),
-        (from_ref(cycles_sum), Combine::Add),
-        (from_ref(cycles_max), Combine::Max),
-        (from_ref(handler_cycles_sum), Combine::Add),
-        (histogram, Combine::Add),
-    ]
+/// how each combines. The order is [`Snapshot::groups`]'s, the one place it is written down.
+pub fn counter_groups(s: &Snapshot) -> [(&[u64], Combine); COUNTER_GROUPS] {
+    let mut out: [(&[u64], Combine); COUNTER_GROUPS] = [(&[], Combine::Add); COUNTER_GROUPS];
+    for ((slot, group), combine) in out.iter_mut().zip(s.groups()).zip(GROUP_COMBINE) {
+        *slot = (group, combine);
+    }
+    out
 }
 
 /// Byte offset of the first counter in a [`CpuStats`] (after `cpu` and `mode`).
 pub const CPU_STATS_COUNTERS_OFFSET: usize = 8;
 
-/// Encodes a [`CpuStats`] straight from a [`Snapshot`] (no 7 KiB temporary on a kernel stack).
-pub fn encode_cpu_stats(cpu: u32, mode: u32, snap: &Snapshot, out: &mut [u8]) -> Option<usize> {
+/// Encodes a [`CpuStats`] straight from counters: a [`Snapshot`], or a CPU's live
+/// [`crate::stats::Stats`] read in place (no 7 KiB temporary on a kernel stack).
+pub fn encode_cpu_stats<C: Counters + ?Sized>(
+    cpu: u32,
+    mode: u32,
+    counters: &C,
+    out: &mut [u8],
+) -> Option<usize> {
     let mut w = Writer::new(out);
     w.u32(cpu);
     w.u32(mode);
-    for (group, _) in counter_groups(snap) {
-        for v in group {
-            w.u64(*v);
-        }
-    }
+    counters.each(&mut |_, v| w.u64(v));
     w.finish()
 }
 
-/// Adds `snap` into an encoded [`CpuStats`] in place (sum, or max for `cycles_max`), so the
+/// Adds `counters` into an encoded [`CpuStats`] in place (sum, or max for `cycles_max`), so the
 /// aggregate needs no second snapshot in memory. `None` if `entry` is not [`CpuStats::SIZE`].
-pub fn accumulate_cpu_stats(entry: &mut [u8], snap: &Snapshot) -> Option<()> {
+pub fn accumulate_cpu_stats<C: Counters + ?Sized>(entry: &mut [u8], counters: &C) -> Option<()> {
     if entry.len() != CpuStats::SIZE {
         return None;
     }
-    let counters = entry.get_mut(CPU_STATS_COUNTERS_OFFSET..)?;
-    let mut slots = counters.chunks_exact_mut(8);
-    for (group, combine) in counter_groups(snap) {
-        for v in group {
-            let slot = slots.next()?;
-            let old = u64::from_le_bytes(<[u8; 8]>::try_from(&*slot).ok()?);
-            let new = match combine {
-                Combine::Add => old.wrapping_add(*v),
-                Combine::Max => old.max(*v),
-            };
-            slot.copy_from_slice(&new.to_le_bytes());
-        }
-    }
-    Some(())
+    let mut slots = entry
+        .get_mut(CPU_STATS_COUNTERS_OFFSET..)?
+        .chunks_exact_mut(8);
+    let mut fits = true;
+    counters.each(&mut |group, v| {
+        let Some(slot) = slots.next() else {
+            fits = false;
+            return;
+        };
+        let Ok(bytes) = <[u8; 8]>::try_from(&*slot) else {
+            fits = false;
+            return;
+        };
+        let old = u64::from_le_bytes(bytes);
+        let new = match GROUP_COMBINE.get(group) {
+            Some(Combine::Max) => old.max(v),
+            _ => old.wrapping_add(v),
+        };
+        slot.copy_from_slice(&new.to_le_bytes());
+    });
+    fits.then_some(())
 }
 
 wire_struct! {
