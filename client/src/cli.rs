@@ -1,8 +1,10 @@
-//! The command line: `ackctl [--machine HOST:PORT] [--json] <status | mode M | stats ...>`.
+//! The command line: `ackctl [--machine HOST:PORT] [--json] <status | mode M | stats ... |
+//! policy [VECTOR POLICY]>`.
 
 use std::time::Duration;
 
 use ackvisor_vmm::Mode;
+use ackvisor_vmm::intr::vector_policy::VectorPolicy;
 use clap::{Args, Parser, Subcommand};
 
 /// Switch ackvisor's interrupt mode and read its statistics.
@@ -40,6 +42,21 @@ pub enum Command {
     },
     /// Exit, delivery and cost counters (or `stats reset`).
     Stats(StatsArgs),
+    /// The per-vector delivery policy of ack-replay (`policy`), or set one vector's on every
+    /// CPU (`policy 0xd1 inject`).
+    Policy(PolicyArgs),
+}
+
+/// `ackctl policy [VECTOR POLICY]`.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// The vector to set (decimal or 0x hex); without it, show the table.
+    #[arg(value_name = "VECTOR", value_parser = parse_vector, requires = "policy")]
+    pub vector: Option<u8>,
+
+    /// replay | inject | auto (inject while the guest's IRQL is below DISPATCH, else replay)
+    #[arg(value_name = "POLICY", value_parser = parse_policy)]
+    pub policy: Option<VectorPolicy>,
 }
 
 /// `ackctl stats ...`.
@@ -75,6 +92,14 @@ pub fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::from_name(s).ok_or_else(|| {
         let names: Vec<_> = Mode::ALL.iter().map(|m| m.name()).collect();
         format!("unknown mode {s:?}; expected one of {}", names.join(", "))
+    })
+}
+
+/// Parses a delivery policy by the names `VectorPolicy` gives them.
+pub fn parse_policy(s: &str) -> Result<VectorPolicy, String> {
+    VectorPolicy::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = VectorPolicy::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown policy {s:?}; expected one of {}", names.join(", "))
     })
 }
 
@@ -176,5 +201,31 @@ mod tests {
         };
         assert_eq!(s.watch, Some(Duration::from_secs(2)));
         assert_eq!(cli.timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn policy_shows_without_arguments_and_sets_with_both() {
+        let cli = parse(&["policy"]).unwrap();
+        let Command::Policy(p) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!((p.vector, p.policy), (None, None));
+        let cli = parse(&["policy", "0xd1", "inject"]).unwrap();
+        let Command::Policy(p) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (p.vector, p.policy),
+            (Some(0xd1), Some(VectorPolicy::Inject))
+        );
+        let cli = parse(&["policy", "209", "auto"]).unwrap();
+        let Command::Policy(p) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!((p.vector, p.policy), (Some(0xd1), Some(VectorPolicy::Auto)));
+        // A vector alone, an unknown policy, or a vector past a byte are usage errors.
+        assert!(parse(&["policy", "0xd1"]).is_err());
+        assert!(parse(&["policy", "0xd1", "Replay"]).is_err());
+        assert!(parse(&["policy", "0x100", "inject"]).is_err());
     }
 }

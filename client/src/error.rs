@@ -91,6 +91,9 @@ impl ClientError {
             Self::Timeout { .. } => exit::TIMEOUT,
             Self::Refused(ControlError::NotVirtualized) => exit::NOT_VIRTUALIZED,
             Self::Refused(ControlError::SetModeFailed { .. }) => exit::MODE_FAILED,
+            // The user named a vector that takes no policy (ackctl cannot know the range a
+            // hypervisor accepts, so it lets the hypervisor say it).
+            Self::Refused(ControlError::VectorNotConfigurable { .. }) => exit::USAGE,
             // The client builds every request from the shared wire module, so these mean a
             // client/hypervisor mismatch or a corrupted link: a protocol error either way.
             Self::Refused(
@@ -100,6 +103,7 @@ impl ClientError {
                 | ControlError::ReservedNotZero { .. }
                 | ControlError::UnknownMode { .. }
                 | ControlError::UnknownFlags { .. }
+                | ControlError::UnknownPolicy { .. }
                 | ControlError::ReplyTooLarge { .. },
             )
             | Self::Link(_)

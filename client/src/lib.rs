@@ -70,6 +70,16 @@ pub fn run_with(
                 }
             }
         },
+        Command::Policy(args) => match (args.vector, args.policy) {
+            (Some(vector), Some(policy)) => {
+                let cpus = session.set_policy(vector, policy)?;
+                render::policy_applied(vector, policy, cpus, json, out)
+            }
+            _ => {
+                let table = session.policy()?;
+                render::policy(&table, json, out)
+            }
+        },
     }
 }
 

@@ -4,7 +4,8 @@
 use std::io::Write;
 
 use ackvisor_vmm::Mode;
-use ackvisor_vmm::control::wire::{self, CpuStats, FEATURE_NAMES};
+use ackvisor_vmm::control::wire::{self, CpuStats, FEATURE_NAMES, PolicyReply};
+use ackvisor_vmm::intr::vector_policy::VectorPolicy;
 use ackvisor_vmm::stats::{ANOMALY_KINDS, Anomaly};
 use serde_json::{Value, json};
 
@@ -172,6 +173,70 @@ pub fn mode_applied(
         return emit_json(out, &json!({ "mode": mode.name(), "cpus_applied": cpus }));
     }
     emit(out, &format!("mode {mode} applied on {cpus} CPUs\n"))
+}
+
+/// A wire policy for people.
+pub fn policy_label(raw: u32) -> String {
+    match raw {
+        wire::POLICY_MIXED => "mixed".to_owned(),
+        _ => match VectorPolicy::try_from(raw) {
+            Ok(p) => p.name().to_owned(),
+            Err(n) => format!("unknown policy {n}"),
+        },
+    }
+}
+
+/// `ackctl policy`: the vectors that are not plain replay, one per row, then what the rest do.
+/// JSON lists every configurable vector.
+pub fn policy(r: &PolicyReply, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
+    let first = usize::try_from(r.first_configurable).unwrap_or(usize::MAX);
+    let configurable = || r.policies.iter().enumerate().skip(first);
+    if json {
+        let table: serde_json::Map<String, Value> = configurable()
+            .map(|(v, p)| (format!("{v:#04x}"), Value::from(policy_label(*p))))
+            .collect();
+        return emit_json(
+            out,
+            &json!({
+                "virtualized_cpus": r.virtualized_count,
+                "first_configurable": format!("{:#04x}", r.first_configurable),
+                "policies": table,
+            }),
+        );
+    }
+    let mut t = format!(
+        "delivery policy in ack-replay ({} CPUs)\nvector  policy\n",
+        r.virtualized_count
+    );
+    let replay = VectorPolicy::Replay as u32;
+    for (v, p) in configurable().filter(|(_, p)| **p != replay) {
+        t.push_str(&format!("{v:#04x}    {}\n", policy_label(*p)));
+    }
+    t.push_str(&format!(
+        "every other vector from {:#04x} to 0xff: replay\nbelow {:#04x}: always injected (class <= DISPATCH) or exceptions\n",
+        r.first_configurable, r.first_configurable
+    ));
+    emit(out, &t)
+}
+
+/// `ackctl policy VECTOR POLICY`.
+pub fn policy_applied(
+    vector: u8,
+    policy: VectorPolicy,
+    cpus: u32,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), ClientError> {
+    if json {
+        return emit_json(
+            out,
+            &json!({ "vector": format!("{vector:#04x}"), "policy": policy.name(), "cpus_applied": cpus }),
+        );
+    }
+    emit(
+        out,
+        &format!("vector {vector:#04x}: {policy} on {cpus} CPUs\n"),
+    )
 }
 
 /// `ackctl stats reset`.
@@ -607,5 +672,46 @@ mod tests {
         assert_eq!(mode_label(7), "unknown mode 7");
         assert_eq!(bytes_label(512), "512 bytes");
         assert_eq!(bytes_label(3 << 20), "3.0 MiB (3145728 bytes)");
+    }
+
+    fn policy_sample() -> PolicyReply {
+        let mut policies = [VectorPolicy::Replay as u32; wire::POLICY_ENTRIES];
+        policies[0xd1] = VectorPolicy::Auto as u32;
+        policies[0x61] = VectorPolicy::Inject as u32;
+        policies[0xfd] = wire::POLICY_MIXED;
+        policies[0x2f] = VectorPolicy::Inject as u32;
+        PolicyReply {
+            header: wire::ReplyHeader {
+                version: wire::PROTOCOL_VERSION,
+                size: PolicyReply::SIZE as u32,
+            },
+            virtualized_count: 2,
+            first_configurable: 0x30,
+            policies,
+        }
+    }
+
+    #[test]
+    fn policy_table_lists_the_marked_vectors_and_json_every_configurable_one() {
+        let r = policy_sample();
+        let t = text(|o| policy(&r, false, o));
+        assert!(t.contains("0x61    inject"), "{t}");
+        assert!(t.contains("0xd1    auto"), "{t}");
+        assert!(t.contains("0xfd    mixed"), "{t}");
+        assert!(t.contains("2 CPUs"), "{t}");
+        assert!(
+            !t.contains("0x2f"),
+            "below the first configurable vector: {t}"
+        );
+        assert!(!t.contains("0x41"), "replay vectors are summarised: {t}");
+        let j: Value = serde_json::from_str(&text(|o| policy(&r, true, o))).unwrap();
+        let p = j["policies"].as_object().unwrap();
+        assert_eq!(p.len(), 0x100 - 0x30);
+        assert_eq!(p["0xd1"], "auto");
+        assert_eq!(p["0x41"], "replay");
+        assert_eq!(j["virtualized_cpus"], 2);
+        let applied = text(|o| policy_applied(0xd1, VectorPolicy::Replay, 2, false, o));
+        assert_eq!(applied, "vector 0xd1: replay on 2 CPUs\n");
+        assert_eq!(policy_label(7), "unknown policy 7");
     }
 }

@@ -3,11 +3,12 @@
 
 use ackvisor_vmm::Mode;
 use ackvisor_vmm::control::wire::{
-    self, CpuModeEntry, CpuStats, Field, PROTOCOL_VERSION, ReplyHeader, ResetStatsReply,
-    SetModeReply, StatsReply, StatusReply,
+    self, CpuModeEntry, CpuStats, Field, PROTOCOL_VERSION, PolicyReply, ReplyHeader,
+    ResetStatsReply, SetModeReply, SetPolicyReply, StatsReply, StatusReply,
 };
 use ackvisor_vmm::control::{ControlError, Request};
 use ackvisor_vmm::hypervisor::Features;
+use ackvisor_vmm::intr::vector_policy::VectorPolicy;
 
 use crate::ClientError;
 use crate::transport::Transport;
@@ -150,6 +151,25 @@ impl Session {
             aggregate,
             per_cpu: all.collect(),
         })
+    }
+
+    /// `IOCTL_POLICY`: every vector's policy.
+    pub fn policy(&mut self) -> Result<PolicyReply, ClientError> {
+        let reply = self.request(Request::Policy, PolicyReply::SIZE)?;
+        PolicyReply::decode(&reply).ok_or(ClientError::BadReply("policy reply size"))
+    }
+
+    /// `IOCTL_SET_POLICY`: the number of CPUs whose table now holds `policy` for `vector`.
+    pub fn set_policy(&mut self, vector: u8, policy: VectorPolicy) -> Result<u32, ClientError> {
+        let reply = self.request(Request::SetPolicy(vector, policy), SetPolicyReply::SIZE)?;
+        let r =
+            SetPolicyReply::decode(&reply).ok_or(ClientError::BadReply("set-policy reply size"))?;
+        if (r.vector, r.policy) != (u32::from(vector), policy as u32) {
+            return Err(ClientError::BadReply(
+                "set-policy reply names another vector or policy",
+            ));
+        }
+        Ok(r.cpus_applied)
     }
 
     /// `IOCTL_RESET_STATS`: the number of CPUs reset.

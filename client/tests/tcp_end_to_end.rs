@@ -18,6 +18,8 @@ use ackvisor_vmm::control::serve::{ServeEvent, serve};
 use ackvisor_vmm::control::wire::{self, Field, IOCTL_STATUS};
 use ackvisor_vmm::control::{ControlError, ControlTarget, Request};
 use ackvisor_vmm::hypervisor::Features;
+use ackvisor_vmm::intr::policy::Vector;
+use ackvisor_vmm::intr::vector_policy::{PolicyLookup, PolicyTable, VectorPolicy};
 use ackvisor_vmm::stats::{Counters, Snapshot};
 use ackvisor_vmm::{CpuIndex, Error, Mode};
 use clap::Parser;
@@ -28,6 +30,7 @@ use serde_json::Value;
 struct State {
     modes: Vec<Option<Mode>>,
     stats: Vec<Snapshot>,
+    policies: Vec<PolicyTable>,
     resets: u32,
 }
 
@@ -52,6 +55,7 @@ impl MockTarget {
         Self(Arc::new(Mutex::new(State {
             modes: modes.to_vec(),
             stats,
+            policies: vec![PolicyTable::ALL_REPLAY.with(&[0xd1], VectorPolicy::Auto); modes.len()],
             resets: 0,
         })))
     }
@@ -98,6 +102,23 @@ impl ControlTarget for MockTarget {
             ack_on_exit: true,
             ..Features::default()
         })
+    }
+    fn set_policy_all(&self, v: Vector, p: VectorPolicy) -> u32 {
+        let mut s = self.0.lock().unwrap();
+        let virtualized: Vec<bool> = s.modes.iter().map(Option::is_some).collect();
+        let mut applied = 0;
+        for (table, on) in s.policies.iter_mut().zip(virtualized) {
+            if on {
+                table.set(v, p);
+                applied += 1;
+            }
+        }
+        applied
+    }
+    fn policy(&self, cpu: CpuIndex) -> Option<PolicyTable> {
+        let s = self.0.lock().unwrap();
+        s.modes.get(cpu.0 as usize).copied().flatten()?;
+        s.policies.get(cpu.0 as usize).copied()
     }
 }
 
@@ -182,13 +203,13 @@ fn start(target: MockTarget, fault: Fault) -> Server {
     }
 }
 
-/// Rewrites a response into the refusal a hypervisor of protocol version 2 would send.
+/// Rewrites a response into the refusal a hypervisor of the next protocol version would send.
 fn newer_version_refusal(reply: &[u8]) -> Vec<u8> {
     let Decoded::Frame { frame, .. } = frame::decode(reply, frame::MAX_PAYLOAD) else {
         panic!("server reply is not a frame")
     };
     let e = ControlError::VersionMismatch {
-        supported: 2,
+        supported: wire::PROTOCOL_VERSION + 1,
         got: wire::PROTOCOL_VERSION,
     };
     let mut body = [0u8; wire::ErrorReply::SIZE];
@@ -296,6 +317,40 @@ fn stats_reset_zeroes_the_counters() {
 }
 
 #[test]
+fn policy_shows_the_table_and_sets_one_vector_on_every_cpu() {
+    let t = three_cpus();
+    let s = start(t.clone(), Fault::None);
+    let table = run(&s.addr, &["policy"]).unwrap();
+    assert!(table.contains("0xd1    auto"), "{table}");
+    assert_eq!(
+        run(&s.addr, &["policy", "0xd1", "replay"]).unwrap(),
+        "vector 0xd1: replay on 3 CPUs\n"
+    );
+    assert!(
+        t.0.lock()
+            .unwrap()
+            .policies
+            .iter()
+            .all(|p| p.policy(Vector(0xd1)) == VectorPolicy::Replay)
+    );
+    run(&s.addr, &["policy", "0x61", "inject"]).unwrap();
+    let v: Value = serde_json::from_str(&run(&s.addr, &["--json", "policy"]).unwrap()).unwrap();
+    assert_eq!(v["policies"]["0xd1"], "replay");
+    assert_eq!(v["policies"]["0x61"], "inject");
+    assert_eq!(v["virtualized_cpus"], 3);
+    // A vector that takes no policy is the hypervisor's refusal, a usage error for scripts.
+    let e = run(&s.addr, &["policy", "0x2f", "inject"]).unwrap_err();
+    assert_eq!(
+        e,
+        ClientError::Refused(ControlError::VectorNotConfigurable {
+            vector: 0x2f,
+            first: 0x30
+        })
+    );
+    assert_eq!(e.exit_code(), exit::USAGE);
+}
+
+#[test]
 fn refusals_come_back_as_control_errors_with_their_exit_codes() {
     let t = MockTarget::new(&[None, None]);
     let s = start(t, Fault::None);
@@ -356,7 +411,7 @@ fn a_newer_hypervisor_is_reported_as_a_version_mismatch() {
         e,
         ClientError::VersionMismatch {
             client: wire::PROTOCOL_VERSION,
-            hypervisor: 2
+            hypervisor: wire::PROTOCOL_VERSION + 1
         }
     );
     assert_eq!(e.exit_code(), exit::VERSION_MISMATCH);

@@ -120,6 +120,10 @@ fn refuse(cpu: CpuIndex, e: Error) -> NTSTATUS {
             STATUS_HV_OBJECT_IN_USE,
             "turn off Hyper-V, VBS and Memory integrity (bcdedit /set hypervisorlaunchtype off) and reboot",
         ),
+        Error::NestedVmxHidden { .. } => (
+            STATUS_NOT_SUPPORTED,
+            "turn on nested VT-x for this VM in the outer hypervisor (VMware: Processors, Virtualize Intel VT-x/EPT)",
+        ),
         Error::FredEnabled => (
             STATUS_DEVICE_FEATURE_NOT_SUPPORTED,
             "FRED delivers interrupts without the IDT; ackvisor needs it off",

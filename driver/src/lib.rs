@@ -1,4 +1,4 @@
-//! ackvisor.sys: the NT platform of the ackvisor hypervisor (DESIGN §6, STYLE §2.2).
+//! ackvisor.sys: the NT platform of the ackvisor hypervisor (DESIGN §6, §8).
 //!
 //! A legacy (non-PnP) WDM driver. `DriverEntry` virtualizes every processor through the
 //! portable core `ackvisor_vmm` (refusing to load, with a message, when VT-x is absent, locked
@@ -28,7 +28,7 @@ pub mod request;
 
 // The driver image. These modules call NT through wdk-sys, which only builds for Windows, and
 // test builds leave them out because a test binary cannot link ntoskrnl. `cfg(windows)` appears
-// nowhere else in the crate (STYLE §2.2); one attribute per module, not a macro around them, so
+// nowhere else in the crate (DESIGN §8); one attribute per module, not a macro around them, so
 // rustfmt still finds the files.
 #[cfg(all(windows, not(test)))]
 mod device;

@@ -12,6 +12,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::ntapi::{self, KeLowerIrql, KfRaiseIrql, MmMapIoSpaceEx};
 use ackvisor_vmm::arch::msr::{ApicBase, IA32_APIC_BASE};
 use ackvisor_vmm::arch::regs;
+use ackvisor_vmm::intr::vector_policy::{PolicyTable, tick_defaults};
 use ackvisor_vmm::{
     ApicAccess, CpuIndex, Error, FatalKind, FatalState, PhysAddr, Platform, PlatformError,
 };
@@ -29,6 +30,20 @@ use wdk_sys::{
     LARGE_INTEGER, NT_SUCCESS, PAGE_NOCACHE, PAGE_READWRITE, PAGE_SIZE, PASSIVE_LEVEL,
     PROCESSOR_NUMBER,
 };
+
+/// NT's clock vectors, which `KeAccumulateTicks` (DPC watchdog, run-time accounting) sees
+/// through `KeClockInterruptNotify`: `HalpTimerClockInterrupt` (CLOCK_LEVEL) on the CPU that owns
+/// the timer, `HalpTimerClockIpiRoutine` on the CPUs the owner forwards ticks to, and
+/// `HalpTimerProfileInterrupt` (PROFILE_LEVEL), which samples the interrupted RIP. Fixed by the
+/// x64 HAL (WinDbg `!idt` shows them at these vectors on Windows 10 and 11). No documented
+/// interface names them, and an IDT entry points into `KiIsrThunk` for every device vector
+/// alike, so they cannot be told apart from the IDT without symbols: `delivery_policy` adds
+/// what the running system does show, the vector the HAL programmed into this CPU's LAPIC timer.
+pub const NT_CLOCK_VECTOR: u8 = 0xD1;
+/// See [`NT_CLOCK_VECTOR`].
+pub const NT_CLOCK_IPI_VECTOR: u8 = 0xD2;
+/// See [`NT_CLOCK_VECTOR`].
+pub const NT_PROFILE_VECTOR: u8 = 0xFD;
 
 /// Bugcheck code of a root-mode failure ("ACKV"), in the style of wdk-panic's "RPNC".
 /// Parameters: 1 = `FatalKind` code | CPU << 32, 2 = exit reason | VM-instruction error << 32,
@@ -329,6 +344,21 @@ impl Platform for NtPlatform {
         } else {
             core::hint::spin_loop();
         }
+    }
+
+    fn delivery_policy(&self) -> PolicyTable {
+        // Issue 8: the ticks must reach NT at their true IRQL, or replay makes every one look
+        // like DISPATCH and the DPC watchdog bugchecks (0x133). Called on each CPU in turn.
+        // Without the xAPIC mapping (`prepare` not run) there is nothing to read: the fixed
+        // vectors alone.
+        let lvt = match self.apic() {
+            ApicAccess::XApic { base_va: 0 } => None,
+            apic => Some(ackvisor_vmm::arch::apic::lvt_timer(apic)),
+        };
+        tick_defaults(
+            &[NT_CLOCK_VECTOR, NT_CLOCK_IPI_VECTOR, NT_PROFILE_VECTOR],
+            lvt,
+        )
     }
 
     fn irql_is_cr8(&self) -> bool {

@@ -10,10 +10,9 @@
 
 use core::ffi::c_void;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
-use ackvisor_vmm::hypervisor::{self, Config};
-use ackvisor_vmm::{CpuIndex, Error, Mode};
+use ackvisor_vmm::sleep;
 use wdk_sys::ntddk::{
     ExCreateCallback, ExRegisterCallback, ExUnregisterCallback, ObfDereferenceObject,
 };
@@ -36,10 +35,6 @@ static OBJECT: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
 static REGISTRATION: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
 /// The callback acts only between a successful load and the start of unload.
 static ENABLED: AtomicBool = AtomicBool::new(false);
-/// The CPUs were devirtualized for sleep and must be virtualized again on wake.
-static SUSPENDED: AtomicBool = AtomicBool::new(false);
-/// The mode to restore on wake (`Mode as u32`).
-static SUSPENDED_MODE: AtomicU32 = AtomicU32::new(Mode::Passthrough as u32);
 
 /// Registers the callback (disabled until [`enable`]).
 pub fn register() -> Result<(), NTSTATUS> {
@@ -106,32 +101,42 @@ unsafe extern "C" fn on_power_state(_context: PVOID, argument1: PVOID, argument2
     if !ENABLED.load(Ordering::Acquire) {
         return;
     }
+    // The decisions (try every CPU, reap the dead on wake) are the core's: `sleep`.
     if argument2.is_null() {
-        // Leaving S0: remember the mode, keep the last log records, leave VMX on every CPU.
-        let mode = hypervisor::cpu_mode(CpuIndex(0)).unwrap_or(Mode::Passthrough);
-        SUSPENDED_MODE.store(mode as u32, Ordering::Relaxed);
+        // Leaving S0: keep the last log records, then leave VMX on every CPU.
         log_drain::drain_all(&held);
-        match hypervisor::devirtualize_all() {
-            Ok(()) | Err((_, Error::NotVirtualized)) => {
-                SUSPENDED.store(true, Ordering::Relaxed);
-                dbg_line!(Info, "devirtualized for sleep (mode {mode})");
-            }
-            Err((cpu, e)) => dbg_line!(
+        let r = sleep::before_sleep();
+        let t = r.tally;
+        dbg_line!(
+            Info,
+            "before sleep: {} cpus left VMX, {} failed, {} were not virtualized",
+            t.left,
+            t.failed,
+            t.not_virtualized
+        );
+        if let Some((cpu, e)) = t.first_failure.or(r.unreachable) {
+            dbg_line!(
                 Error,
                 "cpu {}: devirtualize before sleep failed: {e}",
                 cpu.0
-            ),
+            );
         }
-    } else if SUSPENDED.swap(false, Ordering::Relaxed) {
-        let mode =
-            Mode::try_from(SUSPENDED_MODE.load(Ordering::Relaxed)).unwrap_or(Mode::Passthrough);
-        match hypervisor::virtualize_all(&PLATFORM, Config { mode }) {
-            Ok(()) => dbg_line!(Info, "virtualized again after sleep (mode {mode})"),
-            Err((cpu, e)) => dbg_line!(
+    } else {
+        let w = sleep::after_wake(&PLATFORM, |cpu| {
+            dbg_line!(
+                Error,
+                "cpu {}: still marked virtualized after wake; its VMX state died with the sleep, block freed",
+                cpu.0
+            );
+        });
+        match w.restored {
+            Some((mode, Ok(()))) => dbg_line!(Info, "virtualized again after sleep (mode {mode})"),
+            Some((_, Err((cpu, e)))) => dbg_line!(
                 Error,
                 "cpu {}: virtualize after sleep failed, running without the hypervisor: {e}",
                 cpu.0
             ),
+            None => {}
         }
     }
 }

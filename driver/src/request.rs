@@ -227,6 +227,8 @@ mod tests {
         RequestHeader, StatusReply, ctl_code,
     };
     use ackvisor_vmm::hypervisor::Features;
+    use ackvisor_vmm::intr::policy::Vector;
+    use ackvisor_vmm::intr::vector_policy::{PolicyTable, VectorPolicy};
     use ackvisor_vmm::stats::{Counters, Snapshot};
     use ackvisor_vmm::{CpuIndex, Error, Mode};
     use std::cell::Cell;
@@ -274,6 +276,12 @@ mod tests {
         }
         fn features(&self) -> Option<Features> {
             None
+        }
+        fn set_policy_all(&self, _v: Vector, _p: VectorPolicy) -> u32 {
+            self.cpus
+        }
+        fn policy(&self, cpu: CpuIndex) -> Option<PolicyTable> {
+            (cpu.0 < self.cpus).then_some(PolicyTable::ALL_REPLAY)
         }
     }
 
@@ -584,6 +592,8 @@ mod tests {
             wire::IOCTL_SET_MODE,
             wire::IOCTL_STATS,
             wire::IOCTL_RESET_STATS,
+            wire::IOCTL_POLICY,
+            wire::IOCTL_SET_POLICY,
         ] {
             assert_eq!(method_of(code), wire::METHOD_BUFFERED, "{code:#x}");
             assert!(control::input_size(code).is_some_and(|n| n <= MAX_REQUEST_BYTES));

@@ -6,6 +6,7 @@
 use crate::hypervisor::Features;
 use crate::intr::Mode;
 use crate::intr::pending::PendingSet;
+use crate::intr::vector_policy::SharedPolicy;
 use crate::log_ring::LogRing;
 use crate::platform::{CpuIndex, FatalState, Platform};
 use crate::stats::Stats;
@@ -70,10 +71,39 @@ pub struct RootState {
     pub features: Features,
     /// The last fatal event, kept for a debugger.
     pub fatal: Option<FatalState>,
+    /// The guest's DR7, kept exact by MOV-DR exiting (`intr::debug`): root loads it around
+    /// its calls of guest handlers without a VMREAD.
+    pub guest_dr7: u64,
+    /// The guest's IA32_DEBUGCTL, kept exact by the MSR bitmap's write intercept.
+    pub guest_debugctl: u64,
+    /// The CPU has IA32_DEBUGCTL (Bochs #GPs on it: root never touches it then).
+    pub debugctl_msr: bool,
+    /// [`crate::intr::debug::armed`] of the two above: root calls load something. Kept by
+    /// [`RootState::set_guest_dr7`] and [`RootState::set_guest_debugctl`], so the common root
+    /// call tests one byte.
+    pub debug_armed: bool,
+    /// CPUID.7.0:EDX.MD_CLEAR: VERW also clears CPU buffers; issued after a CPL-3 replay.
+    pub md_clear: bool,
     /// Physical address of the VMXON region.
     pub vmxon_pa: u64,
     /// Physical address of the VMCS.
     pub vmcs_pa: u64,
+}
+
+impl RootState {
+    /// The guest's DR7 changed (MOV DR, a write-back after a root call).
+    pub fn set_guest_dr7(&mut self, v: u64) {
+        self.guest_dr7 = v;
+        self.debug_armed =
+            crate::intr::debug::armed(self.guest_dr7, self.guest_debugctl, self.debugctl_msr);
+    }
+
+    /// The guest's IA32_DEBUGCTL changed (intercepted WRMSR, a write-back).
+    pub fn set_guest_debugctl(&mut self, v: u64) {
+        self.guest_debugctl = v;
+        self.debug_armed =
+            crate::intr::debug::armed(self.guest_dr7, self.guest_debugctl, self.debugctl_msr);
+    }
 }
 
 /// Everything about one CPU except the pages the hardware owns.
@@ -86,6 +116,8 @@ pub struct CpuData {
     pub applied_mode: AtomicU32,
     /// Counters.
     pub stats: Stats,
+    /// Per-vector delivery policy: read by root at each decision, written at PASSIVE.
+    pub policy: SharedPolicy,
     /// Root-mode log records.
     pub log: LogRing,
     /// Root-only state.

@@ -11,6 +11,7 @@ use crate::exit::stub::{self, LaunchResult};
 use crate::exit::{ExitAction, ExitCtx};
 use crate::intr::Mode;
 use crate::intr::pending::PendingSet;
+use crate::intr::vector_policy::{PolicyTable, VectorPolicy};
 use crate::platform::{CpuIndex, Platform};
 use crate::stats::{Snapshot, Stats};
 use crate::vmx::{self, VmxError, caps, vmcs::CR4_VMXE};
@@ -82,11 +83,17 @@ const BUSY_RETRIES: u32 = 1_000_000;
 /// CPUID.1:ECX bits.
 const CPUID_1_ECX_VMX: u32 = 1 << 5;
 const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID leaf 7 (structured extended features), subleaf 0.
+const CPUID_EXTENDED_FEATURES: u32 = 7;
+/// CPUID.7.0:EDX.MD_CLEAR: VERW overwrites CPU buffers.
+const CPUID_7_EDX_MD_CLEAR: u32 = 1 << 10;
 /// CR4.FRED (bit 32).
 const CR4_FRED: u64 = 1 << 32;
 
 /// Outer hypervisors whose VMCALLs and synthetic MSRs ackvisor forwards (DESIGN §5).
-const FORWARDED_VENDORS: [&[u8; 12]; 2] = [b"Microsoft Hv", b"KVMKVMKVM\0\0\0"];
+const FORWARDED_VENDORS: [&[u8; 12]; 2] = [MICROSOFT_HV, b"KVMKVMKVM\0\0\0"];
+/// CPUID 0x4000_0000 vendor of Hyper-V.
+const MICROSOFT_HV: &[u8; 12] = b"Microsoft Hv";
 
 /// DESIGN §5 / issue 4: may this CPU enter VMX operation, and is there an outer hypervisor to
 /// forward to? `vendor` is CPUID 0x4000_0000's EBX:ECX:EDX when the hypervisor bit is set.
@@ -98,11 +105,14 @@ pub fn vmx_availability(
 ) -> Result<bool, Error> {
     let hypervisor = cpuid1_ecx & CPUID_1_ECX_HYPERVISOR != 0;
     if cpuid1_ecx & CPUID_1_ECX_VMX == 0 {
-        // Hyper-V (VBS/HVCI) keeps VT-x for itself and hides it from the root partition.
-        return Err(if hypervisor {
-            Error::ForeignHypervisor
-        } else {
-            Error::NoVmx
+        // Hyper-V (VBS/HVCI) keeps VT-x for itself and hides it from the root partition. Any
+        // other hypervisor (VMware with "Virtualize Intel VT-x" unticked) simply does not expose
+        // it: say which one, and not Hyper-V.
+        return Err(match vendor {
+            _ if !hypervisor => Error::NoVmx,
+            Some(v) if v == *MICROSOFT_HV => Error::ForeignHypervisor,
+            Some(vendor) => Error::NestedVmxHidden { vendor },
+            None => Error::NoVmx,
         });
     }
     let fc = FeatureControl::from_raw(feature_control);
@@ -113,6 +123,28 @@ pub fn vmx_availability(
         return Err(Error::FredEnabled);
     }
     Ok(hypervisor && vendor.is_some_and(|v| FORWARDED_VENDORS.iter().any(|f| **f == v)))
+}
+
+/// What CPUID advertises to the OS among the instructions that need a secondary control.
+fn advertised() -> caps::Advertised {
+    let max = regs::cpuid(caps::cpuid::LEAF_MAX_BASIC, 0)[0];
+    let max_ext = regs::cpuid(caps::cpuid::LEAF_MAX_EXTENDED, 0)[0];
+    let l7 = if max >= caps::cpuid::LEAF_EXTENDED_FEATURES {
+        regs::cpuid(caps::cpuid::LEAF_EXTENDED_FEATURES, 0)
+    } else {
+        [0; 4]
+    };
+    let ld1 = if max >= caps::cpuid::LEAF_XSAVE {
+        regs::cpuid(caps::cpuid::LEAF_XSAVE, 1)
+    } else {
+        [0; 4]
+    };
+    let lx1 = if max_ext >= caps::cpuid::LEAF_EXT_FEATURES {
+        regs::cpuid(caps::cpuid::LEAF_EXT_FEATURES, 0)
+    } else {
+        [0; 4]
+    };
+    caps::Advertised::decode(l7[1], l7[2], ld1[0], lx1[3])
 }
 
 fn hypervisor_vendor() -> Option<[u8; 12]> {
@@ -186,7 +218,11 @@ pub fn virtualize_current_cpu(
         unsafe { regs::wrmsr(msr::IA32_FEATURE_CONTROL, fc | 0b101) };
     }
     let raw = vmx::probe();
-    let controls = caps::controls(&raw).map_err(Error::Unsupported)?;
+    let controls = caps::controls(&raw, &advertised()).map_err(Error::Unsupported)?;
+    let cr0 = regs::cr0();
+    let cr4 = regs::cr4();
+    let vmx_cr0 = vmx::fixed::fixed_cr0(&raw, cr0).map_err(Error::Unsupported)?;
+    let vmx_cr4 = vmx::fixed::fixed_cr4(&raw, cr4).map_err(Error::Unsupported)?;
     let features = *FEATURES.call_once(|| caps::features(&raw, outer));
     caps::mode_supported(config.mode, &features).map_err(Error::Unsupported)?;
     CR4_FIXED0.store(raw.cr4_fixed0, Ordering::Relaxed);
@@ -205,37 +241,37 @@ pub fn virtualize_current_cpu(
     let vmxon_pa = pa(core::ptr::addr_of!(this.vmxon).cast());
     let vmcs_pa = pa(core::ptr::addr_of!(this.vmcs).cast());
     let bitmap_pa = pa(core::ptr::addr_of!(this.msr_bitmap).cast());
+    let guest_dr7 = regs::dr7();
+    let debugctl = platform.debugctl();
+    if debugctl.is_some() {
+        // intr::debug: guest writes of IA32_DEBUGCTL exit, so root knows the value without a
+        // VMREAD per exit. Reads are not intercepted: VM entry loaded the guest's value.
+        let (byte, bit) = msr::bitmap_write_bit(msr::IA32_DEBUGCTL);
+        let bitmap = core::ptr::addr_of!(this.msr_bitmap).cast_mut().cast::<u8>();
+        // SAFETY: our own zeroed MSR-bitmap page, not yet in use by the CPU (before VMLAUNCH);
+        // `byte` < 4096 (msr::bitmap_write_bit), so the byte lies inside it.
+        unsafe { bitmap.wrapping_add(byte).write(1 << bit) };
+    }
     let preemption_ticks = if features.preemption_timer {
         PREEMPTION_TICKS
     } else {
         0
     };
-    let root = RootState {
-        platform: Some(platform),
-        cpu,
-        mode: config.mode,
-        controls,
-        pin: controls.pin,
-        proc: controls.proc,
-        pending: PendingSet::new(),
-        exiting_suspended: false,
-        preemption_ticks,
-        launched: false,
-        launch_failure: None,
-        irql_is_cr8: platform.irql_is_cr8(),
-        apic: Some(platform.apic()),
-        // No base matches: the first replay reads the limit.
-        idt_base: u64::MAX,
-        idt_limit: 0,
-        kernel_cs: regs::cs(),
-        kernel_ss: regs::ss(),
-        features,
-        fatal: None,
-        vmxon_pa,
-        vmcs_pa,
-    };
-    // SAFETY: nobody else can see this CPU's block yet.
-    unsafe { this.data.root.get().write(root) };
+    init_root(
+        this,
+        platform,
+        RootInit {
+            cpu,
+            mode: config.mode,
+            controls,
+            preemption_ticks,
+            features,
+            guest_dr7,
+            debugctl,
+            vmxon_pa,
+            vmcs_pa,
+        },
+    );
     // SAFETY: both regions are ours and 4 KiB; the revision id goes in the first 31 bits.
     unsafe {
         core::ptr::addr_of!(this.vmxon)
@@ -254,8 +290,6 @@ pub fn virtualize_current_cpu(
     // SAFETY: the top slot of our own stack, inside the block: the stub reads &PerCpu from it.
     unsafe { (host_rsp as *mut u64).write(pcpu as u64) };
 
-    let cr0 = regs::cr0();
-    let cr4 = regs::cr4();
     let undo = |e: Error| {
         // SAFETY: restores the caller's own CR0/CR4 after a failed attempt (VMX off again).
         unsafe { regs::write_cr4(cr4) };
@@ -265,10 +299,11 @@ pub fn virtualize_current_cpu(
         unsafe { platform.free_pages(pages, PAGES_PER_CPU) };
         e
     };
-    // SAFETY: the fixed bits only add what VMX operation requires (NE, PE/PG already set, VMXE).
-    unsafe { regs::write_cr0(caps::fixed_cr0(&raw, cr0)) };
+    // SAFETY: the fixed bits only add what VMX operation requires (NE, PE/PG already set, VMXE);
+    // vmx::fixed::fixed_cr0/fixed_cr4 refused above any OS bit FIXED1 would have cleared.
+    unsafe { regs::write_cr0(vmx_cr0) };
     // SAFETY: as above.
-    unsafe { regs::write_cr4(caps::fixed_cr4(&raw, cr4)) };
+    unsafe { regs::write_cr4(vmx_cr4) };
     // SAFETY: the VMXON region is this CPU's, page-aligned, revision id written above; CR0/CR4
     // carry the fixed bits; FEATURE_CONTROL allows VMXON (checked above).
     if let Err(e) = unsafe { vmx::vmxon(vmxon_pa) } {
@@ -293,7 +328,8 @@ pub fn virtualize_current_cpu(
         rsp: host_rsp,
         rip: stub::vm_exit_entry as *const () as u64,
         msr_bitmap: bitmap_pa,
-        debugctl: platform.debugctl(),
+        debugctl: debugctl.unwrap_or(0),
+        dr7: guest_dr7,
         cr4_shadow: cr4,
     };
     if let Err(e) = vmx::vmcs::setup(&vmcs, &controls, &inputs) {
@@ -331,6 +367,63 @@ pub fn virtualize_current_cpu(
             Err(fail("VMLAUNCH", VmxError::VmFailValid(error)))
         }
     }
+}
+
+/// What [`init_root`] needs from `virtualize_current_cpu`.
+struct RootInit {
+    cpu: CpuIndex,
+    mode: Mode,
+    controls: caps::Controls,
+    preemption_ticks: u32,
+    features: Features,
+    guest_dr7: u64,
+    debugctl: Option<u64>,
+    vmxon_pa: u64,
+    vmcs_pa: u64,
+}
+
+/// Writes this CPU's root state and loads the platform's delivery policy into its table. A
+/// function of its own so the root state (with its 256-entry pending counts) and the policy
+/// table are temporaries of this frame only: in a debug build `virtualize_current_cpu`'s frame
+/// would otherwise pass 4 KiB and need `__chkstk`, which a driver image does not link.
+#[inline(never)]
+fn init_root(this: &PerCpu, platform: &'static dyn Platform, init: RootInit) {
+    let root = RootState {
+        platform: Some(platform),
+        cpu: init.cpu,
+        mode: init.mode,
+        controls: init.controls,
+        pin: init.controls.pin,
+        proc: init.controls.proc,
+        pending: PendingSet::new(),
+        exiting_suspended: false,
+        preemption_ticks: init.preemption_ticks,
+        launched: false,
+        launch_failure: None,
+        irql_is_cr8: platform.irql_is_cr8(),
+        apic: Some(platform.apic()),
+        // No base matches: the first replay reads the limit.
+        idt_base: u64::MAX,
+        idt_limit: 0,
+        kernel_cs: regs::cs(),
+        kernel_ss: regs::ss(),
+        features: init.features,
+        fatal: None,
+        guest_dr7: init.guest_dr7,
+        guest_debugctl: init.debugctl.unwrap_or(0),
+        debugctl_msr: init.debugctl.is_some(),
+        debug_armed: crate::intr::debug::armed(
+            init.guest_dr7,
+            init.debugctl.unwrap_or(0),
+            init.debugctl.is_some(),
+        ),
+        md_clear: regs::cpuid(CPUID_EXTENDED_FEATURES, 0)[3] & CPUID_7_EDX_MD_CLEAR != 0,
+        vmxon_pa: init.vmxon_pa,
+        vmcs_pa: init.vmcs_pa,
+    };
+    // SAFETY: nobody else can see this CPU's block yet (the caller has not published it).
+    unsafe { this.data.root.get().write(root) };
+    this.data.policy.store_all(&platform.delivery_policy());
 }
 
 /// TSC cycles (at the timer's rate) an exit-sti hand-over lasts before exiting is back on.
@@ -492,6 +585,25 @@ pub fn cpu_state(cpu: CpuIndex) -> Option<CpuState> {
     })
 }
 
+/// Sets vector `v`'s delivery policy on every virtualized CPU; returns how many CPUs now have it.
+/// Each CPU's root mode reads its own table at its next decision, so no broadcast is needed.
+/// Vectors below [`FIRST_POLICY_VECTOR`](crate::intr::vector_policy::FIRST_POLICY_VECTOR) take
+/// no policy and are left as they are (the control protocol refuses them first).
+pub fn set_policy_all(v: crate::intr::policy::Vector, p: VectorPolicy) -> u32 {
+    let mut applied = 0u32;
+    for i in 0..CPUS.len() {
+        if with_cpu(CpuIndex(i as u32), |c| c.data.policy.set(v, p)).is_some() {
+            applied = applied.wrapping_add(1);
+        }
+    }
+    applied
+}
+
+/// One CPU's delivery policy table, `None` when it is not virtualized.
+pub fn policy(cpu: CpuIndex) -> Option<PolicyTable> {
+    with_cpu(cpu, |p| p.data.policy.snapshot())
+}
+
 /// The mode one CPU has applied, `None` when it is not virtualized. Reads no counter: where only
 /// the mode is wanted, this keeps a 7 KiB [`CpuState`] off the caller's (kernel) stack.
 pub fn cpu_mode(cpu: CpuIndex) -> Option<Mode> {
@@ -518,6 +630,35 @@ pub fn reset_stats() {
     for i in 0..CPUS.len() {
         let _ = with_cpu(CpuIndex(i as u32), |p| p.data.stats.reset());
     }
+}
+
+/// The platform the core was first virtualized with.
+pub fn platform() -> Option<&'static dyn Platform> {
+    PLATFORM.get().copied()
+}
+
+/// The mode of the first CPU still virtualized (every CPU runs the same one).
+pub fn first_virtualized_mode() -> Option<Mode> {
+    (0..CPUS.len()).find_map(|i| cpu_mode(CpuIndex(i as u32)))
+}
+
+/// After S3/S4 (`sleep`): every CPU whose slot still holds a block is dead, because no CPU
+/// comes back from sleep in VMX operation. Clears its slot, frees its block, tells `on_reaped`.
+/// Returns how many. Call only once the system is back in S0 and before virtualizing again.
+pub fn reap_dead(platform: &dyn Platform, mut on_reaped: impl FnMut(CpuIndex)) -> u32 {
+    let mut reaped = 0;
+    for (i, slot) in CPUS.iter().enumerate() {
+        let Some(block) = NonNull::new(slot.swap(core::ptr::null_mut(), Ordering::AcqRel)) else {
+            continue;
+        };
+        // SAFETY: the block came from alloc_pages(PAGES_PER_CPU) in virtualize_current_cpu;
+        // its CPU was reset by the sleep, so no VMXON/VMCS or exit uses it any more, and the
+        // slot was cleared above so no reader can reach it.
+        unsafe { platform.free_pages(block.cast(), PAGES_PER_CPU) };
+        reaped += 1;
+        on_reaped(CpuIndex(i as u32));
+    }
+    reaped
 }
 
 /// Number of CPUs the platform reports (0 before the first virtualization).
@@ -560,6 +701,26 @@ mod tests {
     }
 
     #[test]
+    fn a_hypervisor_other_than_hyperv_that_hides_vmx_is_named() {
+        let err = vmx_availability(HV, Some(*b"VMwareVMware"), 0, 0).expect_err("hidden");
+        assert_eq!(
+            err,
+            Error::NestedVmxHidden {
+                vendor: *b"VMwareVMware"
+            }
+        );
+        extern crate std;
+        use std::string::ToString;
+        let text = err.to_string();
+        assert!(text.contains("\"VMwareVMware\""), "{text}");
+        assert!(text.contains("expose VT-x"), "{text}");
+        assert!(!text.contains("Hyper-V") && !text.contains("VBS"), "{text}");
+        // A vendor string with NULs prints without them.
+        let kvm = vmx_availability(HV, Some(*b"KVMKVMKVM\0\0\0"), 0, 0).expect_err("hidden");
+        assert!(kvm.to_string().contains("\"KVMKVMKVM\""), "{kvm}");
+    }
+
+    #[test]
     fn feature_control_locked_off_is_refused() {
         assert_eq!(
             vmx_availability(VMX, None, 0b001, 0),
@@ -595,5 +756,63 @@ mod tests {
             Ok(false)
         );
         assert_eq!(vmx_availability(VMX, None, FC_OK, 0), Ok(false));
+    }
+
+    /// Counts the pages handed back; nothing else is ever called by `reap_dead`.
+    struct FreeCounter(std::sync::Mutex<std::vec::Vec<(usize, usize)>>);
+    extern crate std;
+
+    impl Platform for FreeCounter {
+        fn alloc_pages(&self, _: usize) -> Result<NonNull<u8>, crate::PlatformError> {
+            unreachable!()
+        }
+        unsafe fn free_pages(&self, ptr: NonNull<u8>, count: usize) {
+            self.0.lock().unwrap().push((ptr.as_ptr() as usize, count));
+        }
+        fn virt_to_phys(&self, _: NonNull<u8>) -> crate::PhysAddr {
+            unreachable!()
+        }
+        fn cpu_count(&self) -> u32 {
+            unreachable!()
+        }
+        fn current_cpu(&self) -> CpuIndex {
+            unreachable!()
+        }
+        fn for_each_cpu(
+            &self,
+            _: &(dyn Fn(CpuIndex) -> Result<(), Error> + Sync),
+        ) -> Result<(), (CpuIndex, Error)> {
+            unreachable!()
+        }
+        fn log(&self, _: core::fmt::Arguments<'_>) {}
+        fn fatal(&self, _: &crate::FatalState) -> ! {
+            unreachable!()
+        }
+        fn host_cr3(&self) -> u64 {
+            unreachable!()
+        }
+        fn apic(&self) -> crate::ApicAccess {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn cpus_still_marked_after_wake_are_reaped_and_status_is_exact() {
+        // Two CPUs failed to leave VMX before sleep: their slots still hold (fake) blocks.
+        let (a, b) = (0x1000_0000usize, 0x2000_0000usize);
+        CPUS[1000].store(a as *mut PerCpu, Ordering::Release);
+        CPUS[1001].store(b as *mut PerCpu, Ordering::Release);
+        assert_eq!(virtualized_count(), 2);
+        let platform = FreeCounter(std::sync::Mutex::new(std::vec::Vec::new()));
+        let mut logged = std::vec::Vec::new();
+        let reaped = reap_dead(&platform, |cpu| logged.push(cpu.0));
+        assert_eq!(reaped, 2);
+        assert_eq!(logged, [1000, 1001]);
+        assert_eq!(
+            *platform.0.lock().unwrap(),
+            [(a, PAGES_PER_CPU), (b, PAGES_PER_CPU)]
+        );
+        assert_eq!(virtualized_count(), 0, "status counts only live CPUs");
+        assert_eq!(reap_dead(&platform, |_| {}), 0, "nothing left to reap");
     }
 }

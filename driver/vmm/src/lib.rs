@@ -15,11 +15,13 @@
 //!    to [`intr::on_external_interrupt`] or through the handler table.
 //! 4. It decodes [`vmx::fields::ExitIntrInfo`] (invalid or not type 0: an anomaly in [`stats`]
 //!    and [`log_ring`]) and calls [`intr::policy::decide`] with the guest's IF, blocking, CPL,
-//!    CR8 and activity state.
-//! 5. Defer: [`intr::pending::PendingSet`] keeps V; interrupt-window or CR8-load exiting
-//!    ([`intr::inject::set_waits`]) brings it back to [`intr::on_window`].
-//! 6. Inject (class ≤ DISPATCH, rejected gate, NMI blocking, or mode `ack-inject`):
-//!    [`intr::inject::external`] writes [`vmx::fields::EntryIntrInfo`].
+//!    CR8 and activity state ([`intr::spurious`] exempts the LAPIC's spurious vector from CR8).
+//! 5. Defer: [`intr::pending::PendingSet`] keeps V (one count per acknowledge); interrupt-window
+//!    or CR8-load exiting ([`intr::inject::set_waits`]) brings it back to [`intr::on_window`].
+//! 6. Inject (class ≤ DISPATCH, rejected gate, NMI blocking, a vector whose
+//!    [`intr::vector_policy`] says inject now, or mode `ack-inject`):
+//!    [`intr::wake::inject_external`] writes [`vmx::fields::EntryIntrInfo`] and wakes a halted
+//!    guest, through [`vmx::access::VmcsAccess`] so unit tests can watch it.
 //! 7. Replay: the gate from *this* CPU's IDT ([`intr::replay::read_gate`]) is checked by
 //!    [`intr::policy::validate_gate`]; [`intr::policy::frame_stack`] picks the stack;
 //!    IRQL goes to ≥ 2 (raw CR8, or [`Platform::raise_irql`] under FXSAVE);
@@ -48,6 +50,7 @@ pub mod hypervisor;
 pub mod intr;
 pub mod log_ring;
 pub mod platform;
+pub mod sleep;
 pub mod stats;
 pub mod vmx;
 
@@ -69,6 +72,12 @@ pub enum Error {
     ForeignHypervisor,
     /// CR4.FRED is set: the IDT is not used for delivery, replay cannot work.
     FredEnabled,
+    /// A hypervisor other than Hyper-V runs the OS and does not expose VT-x to it (nested VT-x
+    /// off); `vendor` is its CPUID 0x4000_0000 signature.
+    NestedVmxHidden {
+        /// EBX:ECX:EDX of CPUID 0x4000_0000.
+        vendor: [u8; 12],
+    },
     /// The CPU is not virtualized (or was already devirtualized).
     NotVirtualized,
     /// The CPU is already virtualized.
@@ -116,6 +125,18 @@ impl core::fmt::Display for Error {
             }
             Error::FredEnabled => {
                 f.write_str("CR4.FRED is set: interrupts bypass the IDT, replay cannot work")
+            }
+            Error::NestedVmxHidden { vendor } => {
+                f.write_str("VT-x is not exposed by the outer hypervisor \"")?;
+                for &b in vendor.iter().filter(|b| **b != 0) {
+                    let c = if b.is_ascii_graphic() || b == b' ' {
+                        b as char
+                    } else {
+                        '?'
+                    };
+                    write!(f, "{c}")?;
+                }
+                f.write_str("\": expose VT-x to this VM (nested virtualization) in its settings")
             }
             Error::NotVirtualized => f.write_str("processor is not virtualized"),
             Error::AlreadyVirtualized => f.write_str("processor is already virtualized"),

@@ -118,10 +118,11 @@ pub trait Platform: Sync {
     /// How root reads this CPU's local APIC.
     fn apic(&self) -> ApicAccess;
     /// IA32_DEBUGCTL as the guest starts with. The default reads the MSR; a platform whose CPU
-    /// lacks it (Bochs #GPs on it) returns 0.
-    fn debugctl(&self) -> u64 {
+    /// lacks it (Bochs #GPs on it, DESIGN §7) returns `None`, and root then never reads,
+    /// writes or intercepts it.
+    fn debugctl(&self) -> Option<u64> {
         // SAFETY: IA32_DEBUGCTL exists on every VMX-capable Intel CPU.
-        unsafe { crate::arch::regs::rdmsr(crate::arch::msr::IA32_DEBUGCTL) }
+        Some(unsafe { crate::arch::regs::rdmsr(crate::arch::msr::IA32_DEBUGCTL) })
     }
     /// Called between retries while root answers "busy" (acknowledged vectors still pending on
     /// this CPU). A platform that runs [`Platform::for_each_cpu`]'s closure at a raised IRQL
@@ -145,5 +146,11 @@ pub trait Platform: Sync {
     /// Restores the IRQL [`Platform::raise_irql`] returned. Same rules.
     fn lower_irql(&self, to: u8) {
         crate::arch::regs::lower_cr8(to)
+    }
+    /// The per-vector delivery policy every CPU starts with (issue 8): the platform names the
+    /// vectors that must reach the OS at their true IRQL (NT: clock and profile, `auto`).
+    /// Called at PASSIVE on each CPU as it is virtualized. The default replays every vector.
+    fn delivery_policy(&self) -> crate::intr::vector_policy::PolicyTable {
+        crate::intr::vector_policy::PolicyTable::ALL_REPLAY
     }
 }

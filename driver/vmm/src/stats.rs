@@ -2,7 +2,7 @@
 //! root-mode cycle cost of external-interrupt exits.
 //!
 //! One writer (root mode on the owning CPU) updates with a Relaxed load + store (no LOCK on
-//! the exit path, STYLE §2.8); any CPU may read a [`Snapshot`] at PASSIVE.
+//! the exit path, DESIGN §8); any CPU may read a [`Snapshot`] at PASSIVE.
 //!
 //! **Runs in:** VMX root (record), anywhere (snapshot, merge).
 #![forbid(unsafe_code)]
@@ -25,7 +25,9 @@ pub enum Anomaly {
     UnexpectedIntrType = 1,
     /// This CPU's IDT gate failed validation; the vector was injected instead.
     RejectedGate = 2,
-    /// The pending set already held the vector (a second acknowledge before delivery).
+    /// A vector was acknowledged again while an earlier acknowledge of it still waited (the
+    /// guest's EOI cleared its ISR bit and the line was re-sent, issue 8): both are delivered.
+    /// Log detail = vector, with `intr::SATURATED_DETAIL` if the set could hold no more.
     DuplicatePending = 3,
     /// A VMCALL that was not ours (wrong key or not CPL 0), answered with #UD or forwarded.
     ForeignVmcall = 4,
@@ -49,6 +51,10 @@ pub struct Stats {
     cycles_max: AtomicU64,
     handler_cycles_sum: AtomicU64,
     histogram: [AtomicU64; HISTOGRAM_BUCKETS],
+    /// Exits that found external-interrupt exiting suspended by an exit-sti hand-over and
+    /// turned it back on. Not in [`Snapshot`] (whose layout is the wire's): read it with
+    /// [`Stats::exiting_resumes`].
+    exiting_resumes: AtomicU64,
 }
 
 /// A copy of one CPU's counters (or the sum of several, see [`Snapshot::merge`]).
@@ -162,6 +168,7 @@ impl Stats {
             cycles_max: AtomicU64::new(0),
             handler_cycles_sum: AtomicU64::new(0),
             histogram: [const { AtomicU64::new(0) }; HISTOGRAM_BUCKETS],
+            exiting_resumes: AtomicU64::new(0),
         }
     }
 
@@ -208,6 +215,17 @@ impl Stats {
     /// Counts a hand-back of a pending IRR vector to the guest (exit-sti policy).
     pub fn guest_take(&self) {
         bump(&self.guest_takes);
+    }
+
+    /// Counts an exit that re-armed external-interrupt exiting after a hand-over.
+    pub fn exiting_resumed(&self) {
+        bump(&self.exiting_resumes);
+    }
+
+    /// Exits that re-armed external-interrupt exiting after an exit-sti hand-over: one follows
+    /// every hand-over ([`Snapshot::guest_takes`]) once the guest ran.
+    pub fn exiting_resumes(&self) -> u64 {
+        self.exiting_resumes.load(Ordering::Relaxed)
     }
 
     /// Counts an anomaly.
@@ -266,6 +284,7 @@ impl Stats {
                 &self.cycles_sum,
                 &self.cycles_max,
                 &self.handler_cycles_sum,
+                &self.exiting_resumes,
             ]);
         for c in all {
             c.store(0, Ordering::Relaxed);
@@ -328,6 +347,8 @@ impl Stats {
             cycles_max,
             handler_cycles_sum,
             histogram,
+            // Not a wire counter: read through `Stats::exiting_resumes`, reset with the rest.
+            exiting_resumes: _,
         } = self;
         [
             exits,

@@ -272,7 +272,10 @@ fn serve_part(poll: &mut dyn FnMut()) {
     unsafe { arch::sti() };
     let index = cpu.index.load(Ordering::Relaxed) as usize;
     ROUNDS[index].store(rounds, Ordering::Release);
-    workload::publish(Tally::of(cpu, None, drained));
+    // The core's counters of this CPU since the serve run began (unless a client reset them):
+    // its books are compared with the machine's in the RESULT lines.
+    let core = hypervisor::cpu_state(CpuIndex(index as u32)).map(|s| s.stats);
+    workload::publish(Tally::of(cpu, core.as_ref(), drained));
     TALLIED.wait(shape.team, poll);
     if !was_enabled {
         arch::cli();
@@ -313,6 +316,8 @@ pub fn serve_scenario(p: &Params) {
     for cpu in CPUS.iter().filter(|c| c.online.load(Ordering::Acquire)) {
         cpu.counts.reset();
     }
+    // Both books start together: nothing is outstanding before the workload starts.
+    hypervisor::reset_stats();
     for (slot, v) in SHAPE
         .iter()
         .zip([p.clock_period, p.stretch, team, p.min_rounds, p.cross])

@@ -503,7 +503,7 @@ fn action(vector: u8, cpu: &percpu::Cpu) {
 
 /// Where a handler run was entered from.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
+pub enum Origin {
     /// Guest (or native before virtualization): delivered by the CPU or injected.
     Guest,
     /// The core's replay trampoline called the gate.
@@ -520,8 +520,8 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
     let vector = frame.tag as u8;
     let variant = (frame.tag >> 8) as u8;
     let c = &cpu.counts;
-    if vector == apic::SPURIOUS_VECTOR {
-        c.spurious.bump(); // no EOI for the spurious vector
+    if vector == crate::misdirected::DPC_CLASS_VECTOR {
+        crate::misdirected::on_dpc_class_vector(cpu);
         return;
     }
     let entry_cr8 = arch::cr8();
@@ -542,12 +542,19 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
         cpu.ctx_if_off.load(Ordering::Relaxed),
         cpu.ctx_cr8.load(Ordering::Relaxed),
     );
-    if ctx_if_off || class <= ctx_cr8 {
+    // The spurious vector is gated by IF alone: the task priority is what produces it.
+    let spurious = vector == apic::SPURIOUS_VECTOR;
+    if ctx_if_off || (class <= ctx_cr8 && !spurious) {
         c.ctx_violations.bump();
         cpu.last_violation(vector, frame.rip);
     }
     cpu.ctx_if_off.store(true, Ordering::Relaxed);
 
+    if vector == CLOCK_VECTOR {
+        // NT's tick accounting sees the IRQL the tick interrupted and the interrupted CS.
+        let index = cpu.index.load(Ordering::Relaxed) as usize;
+        crate::watchdog::tick(index, entry_cr8, frame.cs & 3 == 3);
+    }
     let depth = cpu.depth.load(Ordering::Relaxed);
     c.runs.bump(vector);
     match origin {
@@ -563,10 +570,6 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
             c.replayed_nested.bump(vector);
         }
     }
-    if origin == Origin::Replayed && depth == 0 && cpu.user.kernel_rsp.load(Ordering::Relaxed) != 0
-    {
-        c.replayed_from_ring3.bump();
-    }
     if origin == Origin::Replayed && entry_cr8 < DISPATCH_CLASS {
         c.replay_low_cr8.bump(vector);
     }
@@ -576,6 +579,14 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
     }
     if vector == PER_CPU_VECTOR && u32::from(variant) != cpu.index.load(Ordering::Relaxed) {
         c.wrong_idt.bump();
+    }
+    crate::books::record(cpu, vector, origin, depth);
+    if spurious {
+        // Counted like every delivery (where it ran, which exit brought it), but it set no ISR
+        // bit: no EOI, no priority change, no body (SDM 3A "Spurious Interrupt").
+        c.spurious.bump();
+        cpu.ctx_if_off.store(ctx_if_off, Ordering::Relaxed);
+        return;
     }
     if !SOURCE_VECTORS.contains(&vector) {
         c.unexpected.bump();
@@ -606,6 +617,7 @@ extern "sysv64" fn device_dispatch(frame: &mut DeviceFrame) {
     // SAFETY: state is consistent (counted, marks set); higher classes may nest now.
     unsafe { arch::sti() };
 
+    crate::debug_regs::on_handler(vector, in_root);
     action(vector, cpu);
 
     arch::cli();
@@ -646,6 +658,9 @@ impl percpu::Cpu {
 extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
     let cpu = this_cpu();
     let vector = frame.vector;
+    if vector == crate::debug_regs::DB_VECTOR && crate::debug_regs::on_debug_exception(frame) {
+        return;
+    }
     let kernel_rsp = cpu.user.kernel_rsp.load(Ordering::Relaxed);
     if frame.cs & 3 == 3 && kernel_rsp != 0 {
         // End of a ring-3 excursion: note what happened and return into `user::enter`'s tail

@@ -13,11 +13,14 @@
 mod apic;
 mod arch;
 mod bench;
+mod books;
 mod boot;
 mod console;
 mod control;
+mod debug_regs;
 mod interrupts;
 mod mem;
+mod misdirected;
 mod params;
 mod percpu;
 mod platform;
@@ -27,6 +30,7 @@ mod scenarios;
 mod smp;
 mod uart;
 mod user;
+mod watchdog;
 mod workload;
 
 use core::panic::PanicInfo;
@@ -59,6 +63,8 @@ extern "C" fn kmain() -> ! {
         "rejected" => "rejected",
         "bench" => "bench",
         "serve" => "serve",
+        "misdirected-eoi" => "misdirected-eoi",
+        "debug-regs" => "debug-regs",
         _ => "unknown",
     };
     report::set_scenario(scenario);
@@ -77,6 +83,17 @@ extern "C" fn kmain() -> ! {
     }
     // SAFETY: the IDT, the per-CPU state and the LAPIC are ready for interrupts.
     unsafe { arch::sti() };
+    if p.rejected != 0 {
+        // A param the kernel does not know would otherwise run the scenario with a default and
+        // let a test pass on something it never asked for.
+        report::Line::new(scenario)
+            .kv("fatal", 1)
+            .kv("params_rejected", p.rejected)
+            .kv("first_rejected", p.first_rejected())
+            .print();
+        report::Line::new(scenario).kv("end", 1).print();
+        console::shutdown()
+    }
     match scenario {
         "boot" => scenarios::boot(&p),
         "modes" => scenarios::modes(&p, false),
@@ -86,6 +103,8 @@ extern "C" fn kmain() -> ! {
         "rejected" => scenarios::rejected(&p),
         "bench" => bench::run(&p),
         "serve" => control::serve_scenario(&p),
+        "misdirected-eoi" => misdirected::scenario(&p),
+        "debug-regs" => debug_regs::run(),
         _ => report::Line::new("unknown")
             .kv("fatal", 1)
             .kv("scenario", p.scenario())

@@ -4,6 +4,8 @@
 //!
 //! **Runs in:** PASSIVE (read once at boot).
 
+use ackvisor_vmm::intr::vector_policy::VectorPolicy;
+
 /// Tag the sector starts with; the runner checks it before patching.
 pub const MAGIC: &[u8] = b"ACKPARAMS";
 const SECTOR: usize = 512;
@@ -56,12 +58,43 @@ pub struct Params {
     pub min_rounds: u32,
     /// `serve`: the mode to virtualize in (`Mode as u32`; the text names it, `start_mode=exit-sti`).
     pub start_mode: u32,
+    /// `modes`: the clock vector's delivery policy, set through the core after virtualizing
+    /// (`VectorPolicy as u32`; the text names it, `clock_policy=replay`). `None`: the
+    /// platform's default (`auto`).
+    pub clock_policy: Option<u32>,
+    /// Words of the sector that name no param or carry a value it cannot take: the run fails
+    /// on them rather than silently running with a default.
+    pub rejected: u32,
+    /// The first such word (cut to its length), for the failure line.
+    pub first_rejected: [u8; 32],
+    /// Length of `first_rejected`.
+    pub first_rejected_len: usize,
 }
 
 impl Params {
     /// The scenario name.
     pub fn scenario(&self) -> &str {
         core::str::from_utf8(self.scenario.get(..self.scenario_len).unwrap_or(&[])).unwrap_or("?")
+    }
+
+    /// The first rejected word (empty when none was).
+    pub fn first_rejected(&self) -> &str {
+        let bytes = self.first_rejected.get(..self.first_rejected_len);
+        core::str::from_utf8(bytes.unwrap_or(&[])).unwrap_or("?")
+    }
+
+    fn reject(&mut self, word: &str) {
+        crate::kprintln!("params: unknown or malformed {word}");
+        if self.rejected == 0 {
+            // Cut at a character boundary so the copy stays UTF-8.
+            let mut n = word.len().min(self.first_rejected.len());
+            while !word.is_char_boundary(n) {
+                n -= 1;
+            }
+            self.first_rejected[..n].copy_from_slice(&word.as_bytes()[..n]);
+            self.first_rejected_len = n;
+        }
+        self.rejected += 1;
     }
 
     /// Reads the sector as loaded by the MBR.
@@ -82,6 +115,10 @@ impl Params {
             modes: 0xF,
             handler_body: 300,
             start_mode: ackvisor_vmm::Mode::AckReplay as u32,
+            clock_policy: None,
+            rejected: 0,
+            first_rejected: [0; 32],
+            first_rejected_len: 0,
         };
         p.scenario[..4].copy_from_slice(b"boot");
         let mut text = [0u8; SECTOR];
@@ -94,6 +131,7 @@ impl Params {
         let text = core::str::from_utf8(&text[..end]).unwrap_or("");
         for word in text.split_ascii_whitespace().skip(1) {
             let Some((key, value)) = word.split_once('=') else {
+                p.reject(word);
                 continue;
             };
             let num = value.parse::<u32>().ok();
@@ -118,7 +156,10 @@ impl Params {
                 ("start_mode", _) if ackvisor_vmm::Mode::from_name(value).is_some() => {
                     p.start_mode = ackvisor_vmm::Mode::from_name(value).map_or(0, |m| m as u32);
                 }
-                _ => crate::kprintln!("params: ignoring {word}"),
+                ("clock_policy", _) if VectorPolicy::from_name(value).is_some() => {
+                    p.clock_policy = VectorPolicy::from_name(value).map(|v| v as u32);
+                }
+                _ => p.reject(word),
             }
         }
         p

@@ -118,7 +118,8 @@ struct Tables {
 pub struct VectorCounts(pub [AtomicU32; 256]);
 
 impl VectorCounts {
-    const fn new() -> Self {
+    /// All zero.
+    pub const fn new() -> Self {
         Self([const { AtomicU32::new(0) }; 256])
     }
     /// Count of `v`.
@@ -130,7 +131,8 @@ impl VectorCounts {
         let c = &self.0[usize::from(v)];
         c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     }
-    fn reset(&self) {
+    /// Zeroes every vector.
+    pub fn reset(&self) {
         for c in &self.0 {
             c.store(0, Ordering::Relaxed);
         }
@@ -142,7 +144,8 @@ impl VectorCounts {
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    const fn new() -> Self {
+    /// Zero.
+    pub const fn new() -> Self {
         Self(AtomicU64::new(0))
     }
     /// Current value.
@@ -153,7 +156,8 @@ impl Counter {
     pub fn bump(&self) {
         self.0.store(self.get().wrapping_add(1), Ordering::Relaxed);
     }
-    fn reset(&self) {
+    /// Back to zero.
+    pub fn reset(&self) {
         self.0.store(0, Ordering::Relaxed);
     }
 }
@@ -181,8 +185,6 @@ pub struct IntrCounts {
     /// Cross-CPU IPIs this CPU sent, by target CPU index (always its own vector,
     /// `interrupts::cross_vector(self)`).
     pub sent_to: [AtomicU32; MAX_CPUS],
-    /// Replays while this CPU ran at CPL 3 (the core built the frame on its own stack).
-    pub replayed_from_ring3: Counter,
     /// Ring-3 excursions that did not end where they should.
     pub ring3_bad_exits: Counter,
     /// A handler ran while the code it interrupted had IF=0 or CR8 ≥ its class.
@@ -199,6 +201,8 @@ pub struct IntrCounts {
     pub spurious: Counter,
     /// Last violation, for the report: vector << 56 | interrupted RIP.
     pub last_violation: AtomicU64,
+    /// The books the core's statistics are compared with (`books`).
+    pub books: crate::books::Books,
 }
 
 impl IntrCounts {
@@ -214,7 +218,6 @@ impl IntrCounts {
             nested: VectorCounts::new(),
             replayed_nested: VectorCounts::new(),
             sent_to: [const { AtomicU32::new(0) }; MAX_CPUS],
-            replayed_from_ring3: Counter::new(),
             ring3_bad_exits: Counter::new(),
             ctx_violations: Counter::new(),
             canary_broken: Counter::new(),
@@ -223,6 +226,7 @@ impl IntrCounts {
             unexpected: Counter::new(),
             spurious: Counter::new(),
             last_violation: AtomicU64::new(0),
+            books: crate::books::Books::new(),
         }
     }
 
@@ -242,7 +246,6 @@ impl IntrCounts {
             v.reset();
         }
         for c in [
-            &self.replayed_from_ring3,
             &self.ring3_bad_exits,
             &self.ctx_violations,
             &self.canary_broken,
@@ -257,6 +260,7 @@ impl IntrCounts {
             c.store(0, Ordering::Relaxed);
         }
         self.last_violation.store(0, Ordering::Relaxed);
+        self.books.reset();
     }
 
     /// Interrupts of `v` raised on this CPU by this CPU but not yet handled.

@@ -75,7 +75,15 @@ impl Platform for TestPlatform {
         }
     }
 
-    fn debugctl(&self) -> u64 {
-        0 // Bochs #GPs on RDMSR IA32_DEBUGCTL (bochs-prototype REPORT, quirk 3); it starts at 0
+    fn debugctl(&self) -> Option<u64> {
+        // Bochs #GPs on RDMSR IA32_DEBUGCTL (DESIGN §7): the CPU has no such MSR here, so the
+        // core must never read, write or intercept it (its debug-register swap skips it).
+        None
+    }
+
+    fn delivery_policy(&self) -> ackvisor_vmm::intr::vector_policy::PolicyTable {
+        // This kernel's clock plays NT's: it must reach the guest at its true IRQL.
+        use ackvisor_vmm::intr::vector_policy::{PolicyTable, VectorPolicy};
+        PolicyTable::ALL_REPLAY.with(&[crate::interrupts::CLOCK_VECTOR], VectorPolicy::Auto)
     }
 }

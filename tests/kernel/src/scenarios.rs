@@ -7,6 +7,8 @@ use core::sync::atomic::Ordering;
 
 use ackvisor_vmm::hypercall::{self, Call, KEY, PING_REPLY, Status};
 use ackvisor_vmm::hypervisor::{self, Config};
+use ackvisor_vmm::intr::policy::Vector;
+use ackvisor_vmm::intr::vector_policy::{PolicyLookup, VectorPolicy};
 use ackvisor_vmm::stats::{Anomaly, Snapshot};
 use ackvisor_vmm::{CpuIndex, Mode};
 
@@ -92,8 +94,13 @@ fn ping() -> bool {
 /// Runs the workload on every CPU at once; each CPU tallies itself (its LAPIC, its counters,
 /// the core's snapshot of it). Returns the sum.
 fn workload_everywhere(p: &Params, core: bool) -> Tally {
-    for cpu in CPUS.iter().filter(|c| c.online.load(Ordering::Acquire)) {
+    for (i, cpu) in CPUS
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.online.load(Ordering::Acquire))
+    {
         cpu.counts.reset();
+        crate::watchdog::reset(i);
     }
     let shape = shape(p);
     let result = smp::run_concurrently(&|index| {
@@ -153,6 +160,11 @@ pub fn modes(p: &Params, verbose: bool) {
     if verbose {
         print_features();
     }
+    let clock = Vector(interrupts::CLOCK_VECTOR);
+    if let Some(policy) = p.clock_policy.and_then(|v| VectorPolicy::try_from(v).ok()) {
+        hypervisor::set_policy_all(clock, policy);
+    }
+    let clock_policy = hypervisor::policy(CpuIndex(0)).map_or("?", |t| t.policy(clock).name());
     for mode in Mode::ALL
         .into_iter()
         .filter(|m| p.modes & (1 << *m as u32) != 0)
@@ -177,6 +189,7 @@ pub fn modes(p: &Params, verbose: bool) {
         let mut l = Line::new(name);
         l.kv("mode", mode.name())
             .kv("cpus", online_count())
+            .kv("clock_policy", clock_policy)
             .kv("virtualized", u8::from(this_snapshot().is_some()))
             .kv("ping", u8::from(ping()));
         t.write(&mut l);

@@ -10,6 +10,8 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use ackvisor_vmm::intr::policy::Vector;
+use ackvisor_vmm::intr::vector_policy::{PolicyLookup, VectorPolicy};
 use ackvisor_vmm::stats::Snapshot;
 
 use crate::interrupts::{
@@ -42,7 +44,9 @@ const DRAIN_TICKS: u64 = 200_000_000;
 
 /// Zeroes this CPU's interrupt counters (nothing may be outstanding).
 pub fn reset_counts() {
-    this_cpu().counts.reset();
+    let cpu = this_cpu();
+    cpu.counts.reset();
+    crate::watchdog::reset(cpu.index.load(Ordering::Relaxed) as usize);
 }
 
 /// A reusable barrier for the CPUs of one workload (generation counted, so the same one serves
@@ -204,18 +208,27 @@ macro_rules! tally {
             $($(#[$doc])* pub $field: u64,)*
             /// Core: largest single exit (a maximum, not a sum).
             pub cycles_max: u64,
+            /// Longest run of clock ticks NT would charge to the DPC watchdog on one CPU
+            /// (`watchdog`; a maximum over CPUs, not a sum).
+            pub dpc_watchdog_max: u64,
             /// Last violation seen (vector << 56 | RIP), 0 if none.
             pub last_violation: u64,
         }
 
         impl Tally {
             /// All zero.
-            pub const ZERO: Tally = Tally { $($field: 0,)* cycles_max: 0, last_violation: 0 };
+            pub const ZERO: Tally = Tally {
+                $($field: 0,)*
+                cycles_max: 0,
+                dpc_watchdog_max: 0,
+                last_violation: 0,
+            };
 
             /// Adds another CPU's tally.
             pub fn add(&mut self, o: &Tally) {
                 $(self.$field = self.$field.wrapping_add(o.$field);)*
                 self.cycles_max = self.cycles_max.max(o.cycles_max);
+                self.dpc_watchdog_max = self.dpc_watchdog_max.max(o.dpc_watchdog_max);
                 if o.last_violation != 0 {
                     self.last_violation = o.last_violation;
                 }
@@ -225,6 +238,7 @@ macro_rules! tally {
             pub fn write(&self, line: &mut Line) {
                 $(line.kv(stringify!($field), self.$field);)*
                 line.kv("cycles_max", self.cycles_max)
+                    .kv("dpc_watchdog_max", self.dpc_watchdog_max)
                     .kv("last_violation", format_args!("{:#x}", self.last_violation));
             }
         }
@@ -242,7 +256,8 @@ tally! {
     lost,
     /// Runs in the guest.
     guest,
-    /// Runs of class > DISPATCH in the guest, rejected-gate vectors excluded.
+    /// Runs of class > DISPATCH in the guest, rejected-gate vectors and vectors whose delivery
+    /// policy is not `replay` (the clock, `auto` by default) excluded.
     guest_hi,
     /// DPC runs in the guest.
     dpc_guest,
@@ -307,6 +322,25 @@ tally! {
     cycles_sum,
     /// Core: root cycles inside replayed handlers.
     handler_cycles_sum,
+    /// Runs beyond what was raised: Σ max(ran − raised, 0) over counted vectors, plus runs of
+    /// vectors nobody raises (the spurious vector aside, which has its own field).
+    unraised,
+    /// Deliveries of the LAPIC's spurious vector (no EOI; in the core's books like any vector).
+    spurious,
+    /// Clock deliveries of an arming that had already been delivered.
+    clock_dups,
+    /// Cross-CPU IPIs this CPU sent.
+    cross_sent,
+    /// Cross-CPU IPIs this CPU handled.
+    cross_handled,
+    /// Runs delivered by an acknowledging exit (the core's per-vector books must match them).
+    acked,
+    /// exit-sti window runs that interrupted a live guest handler.
+    sti_window_nested,
+    /// exit-sti window runs whose exit had valid interruption info.
+    sti_window_info_valid,
+    /// Core: exits that re-armed external-interrupt exiting after an exit-sti hand-over.
+    exiting_resumes,
 }
 
 fn bits(regs: [u32; 8]) -> u64 {
@@ -356,16 +390,50 @@ impl Tally {
             undrained: u64::from(!drained),
             ..Tally::default()
         };
+        let books = crate::books::of(cpu);
         for v in counted_vectors() {
             let (raised, runs) = (u64::from(cpu.raised(v)), u64::from(c.runs.get(v)));
             t.raised += raised;
             t.ran += runs;
-            t.lost += diff(raised, runs);
+            t.lost += raised.saturating_sub(runs);
+            t.unraised += runs.saturating_sub(raised);
         }
+        // Only meaningful while virtualized (with the core's snapshot at hand).
+        let policy = core.and_then(|_| {
+            ackvisor_vmm::hypervisor::policy(ackvisor_vmm::CpuIndex(
+                cpu.index.load(Ordering::Relaxed),
+            ))
+        });
+        let replayed_by_policy = |v: u8| {
+            policy
+                .as_ref()
+                .is_none_or(|p| p.policy(Vector(v)) == VectorPolicy::Replay)
+        };
+        for v in 0..=255u8 {
+            if !SOURCE_VECTORS.contains(&v) && v != apic::SPURIOUS_VECTOR {
+                t.unraised += u64::from(c.runs.get(v));
+            }
+            if crate::interrupts::cross_sender(v).is_some() {
+                t.cross_handled += u64::from(c.runs.get(v));
+            }
+        }
+        t.spurious = u64::from(c.runs.get(apic::SPURIOUS_VECTOR));
+        t.cross_sent = c
+            .sent_to
+            .iter()
+            .map(|s| u64::from(s.load(Ordering::Relaxed)))
+            .sum();
+        t.clock_dups = books.clock_dups.get();
+        t.sti_window_nested = books.sti_window_nested.get();
+        t.sti_window_info_valid = books.sti_window_info_valid.get();
         for v in 0..=255u8 {
             let guest = u64::from(c.guest.get(v));
             t.guest += guest;
-            if v >> 4 > DISPATCH_CLASS && v != IST_GATE_VECTOR && v != DPL3_GATE_VECTOR {
+            if v >> 4 > DISPATCH_CLASS
+                && v != IST_GATE_VECTOR
+                && v != DPL3_GATE_VECTOR
+                && replayed_by_policy(v)
+            {
                 t.guest_hi += guest;
             }
             t.replayed += u64::from(c.replayed.get(v));
@@ -374,16 +442,22 @@ impl Tally {
             t.replay_low_cr8 += u64::from(c.replay_low_cr8.get(v));
             t.nested += u64::from(c.nested.get(v));
             t.replayed_nested += u64::from(c.replayed_nested.get(v));
+            let acked = u64::from(books.acked.get(v));
+            t.acked += acked;
             if let Some(s) = core {
+                // Every run an acknowledging exit brought was one exit, and either a replay (it
+                // ran from the replay trampoline) or an injection (it ran in the guest). Runs in
+                // other modes, in the exit-sti window or nested in root had no such exit.
                 let i = usize::from(v);
-                let expected_exits = u64::from(c.runs.get(v) - c.nested_root.get(v));
-                t.exit_mismatch += diff(s.extint_by_vector[i], expected_exits);
-                t.replay_mismatch += diff(s.replays_by_vector[i], u64::from(c.replayed.get(v)));
-                t.inject_mismatch += diff(s.injections_by_vector[i], guest);
+                let replayed = u64::from(c.replayed.get(v));
+                t.exit_mismatch += diff(s.extint_by_vector[i], acked);
+                t.replay_mismatch += diff(s.replays_by_vector[i], replayed);
+                t.inject_mismatch +=
+                    diff(s.injections_by_vector[i], acked.saturating_sub(replayed));
             }
         }
         t.dpc_guest = u64::from(c.guest.get(DPC_VECTOR));
-        t.replayed_from_ring3 = c.replayed_from_ring3.get();
+        t.replayed_from_ring3 = books.replayed_at_cpl3.get();
         t.ring3_bad_exits = c.ring3_bad_exits.get();
         t.dpc_in_root = c.dpc_in_root.get();
         t.ctx_violations = c.ctx_violations.get();
@@ -391,6 +465,7 @@ impl Tally {
         t.wrong_idt = c.wrong_idt.get();
         t.unexpected = c.unexpected.get();
         t.last_violation = c.last_violation.load(Ordering::Relaxed);
+        t.dpc_watchdog_max = crate::watchdog::longest(cpu.index.load(Ordering::Relaxed) as usize);
         t.isr_left = bits(apic::isr());
         t.irr_left = bits(apic::irr());
         if let Some(s) = core {
@@ -407,6 +482,10 @@ impl Tally {
             t.cycles_sum = s.cycles_sum;
             t.cycles_max = s.cycles_max;
             t.handler_cycles_sum = s.handler_cycles_sum;
+            let index = ackvisor_vmm::CpuIndex(cpu.index.load(Ordering::Relaxed));
+            t.exiting_resumes =
+                ackvisor_vmm::hypervisor::with_cpu_counters(index, |_, s| s.exiting_resumes())
+                    .unwrap_or(0);
         }
         t
     }

@@ -18,6 +18,7 @@
 //! **Runs in:** the Linux host (plain Rust; no shell scripts).
 
 pub mod ackctl;
+pub mod modes;
 pub mod relay;
 pub mod rootcode;
 pub mod trace;

@@ -4,21 +4,13 @@
 
 use ackvisor_runner::{RunOutput, RunSpec, Verdict, run_shared};
 
-const MODES: [&str; 4] = ["passthrough", "exit-sti", "ack-replay", "ack-inject"];
+use ackvisor_runner::modes::ALL as MODES;
 
-/// The modes multi-CPU runs go through: `ACKVISOR_TEST_MODES` (comma list) or all four, and the
-/// kernel's `modes` param for them (a bit per `Mode as u32`, in `MODES` order).
+/// The modes multi-CPU runs go through: `ACKVISOR_TEST_MODES` (comma list; an unknown name
+/// fails) or all four, and the kernel's `modes` param for them.
 fn multi_cpu_modes() -> (Vec<&'static str>, u32) {
-    let wanted = std::env::var("ACKVISOR_TEST_MODES").unwrap_or_default();
-    let list: Vec<&'static str> = MODES
-        .into_iter()
-        .filter(|m| wanted.trim().is_empty() || wanted.split(',').any(|w| w.trim() == *m))
-        .collect();
-    let bits = MODES
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| list.contains(m))
-        .fold(0, |b, (i, _)| b | 1 << i);
+    let list = ackvisor_runner::modes::from_env();
+    let bits = ackvisor_runner::modes::bits(&list);
     (list, bits)
 }
 
@@ -39,8 +31,34 @@ fn machine_is_sound(v: &mut Verdict<'_>, line: &ackvisor_runner::ResultLine) {
         .eq(line, "wrong_idt", 0)
         .eq(line, "unexpected", 0)
         .eq(line, "ring3_bad_exits", 0)
+        .eq(line, "unraised", 0)
+        .eq(line, "clock_dups", 0)
         .gt(line, "ran", 0)
         .eq_field(line, "ran", "raised");
+}
+
+/// The core's books against the machine's, exact in every mode: one exit per run an
+/// acknowledging exit brought (spurious vector included), each either replayed or injected;
+/// exit-sti never sees valid interruption info in its window, and an exit follows every
+/// hand-over (it re-arms external-interrupt exiting).
+fn core_books_are_exact(v: &mut Verdict<'_>, line: &ackvisor_runner::ResultLine) {
+    v.eq(line, "exit_mismatch", 0)
+        .eq(line, "replay_mismatch", 0)
+        .eq(line, "inject_mismatch", 0)
+        .eq(line, "sti_window_info_valid", 0)
+        .eq_field(line, "exiting_resumes", "guest_takes");
+    match line.get("mode") {
+        Some("ack-replay" | "ack-inject") => {
+            v.gt(line, "acked", 0)
+                .eq_field(line, "acked", "exits_extint");
+        }
+        Some("exit-sti") => {
+            v.gt(line, "exiting_resumes", 0).eq(line, "acked", 0);
+        }
+        _ => {
+            v.eq(line, "acked", 0).eq(line, "exits_extint", 0);
+        }
+    }
 }
 
 /// Scenario 0: no hypervisor. The machine's own accounting holds natively, so later failures
@@ -66,6 +84,7 @@ fn every_mode_delivers_each_interrupt_once(model: &str) {
     for mode in MODES {
         if let Some(l) = v.line("modes", Some(mode)) {
             machine_is_sound(&mut v, l);
+            core_books_are_exact(&mut v, l);
             v.eq(l, "virtualized", 1)
                 .eq(l, "ping", 1)
                 .eq(l, "irr_left", 0);
@@ -77,9 +96,11 @@ fn every_mode_delivers_each_interrupt_once(model: &str) {
 /// Scenario 2: ack-replay exits once per interrupt, replays in root at CR8 ≥ 2 (also inside the
 /// guest's own handlers and from CPL 3), injects the DPC vector and never runs it in root,
 /// defers (Bochs lets one exit through after a guest `cli`) and never runs a handler the
-/// interrupted code masked.
+/// interrupted code masked. The clock is forced to `replay` (its default `auto` injects it
+/// below DISPATCH, issue 8), so that every vector above DISPATCH takes the replay path, the
+/// one that arrives at CPL 3 included.
 fn ack_replay_exits_once_and_replays_in_root(model: &str) {
-    let run = machine(RunSpec::new(model, "modes"));
+    let run = machine(RunSpec::new(model, "modes").param("clock_policy", "replay"));
     let mut v = Verdict::new(&run);
     if let Some(l) = v.line("modes", Some("ack-replay")) {
         v.eq(l, "exit_mismatch", 0)
@@ -221,9 +242,12 @@ fn cpus_deliver_and_replay_on_each_cpu(model: &str, cpus: u32) {
     for mode in modes {
         if let Some(l) = v.line("modes", Some(mode)) {
             machine_is_sound(&mut v, l);
+            core_books_are_exact(&mut v, l);
             v.eq(l, "cpus", cpus.into())
                 .eq(l, "virtualized", 1)
-                .eq(l, "ping", 1);
+                .eq(l, "ping", 1)
+                .gt(l, "cross_sent", 0)
+                .eq_field(l, "cross_handled", "cross_sent");
         }
     }
     if let Some(l) = v.line("modes", Some("ack-replay")) {
@@ -242,6 +266,10 @@ fn two_cpus_deliver_and_replay_on_each_cpu(model: &str) {
     cpus_deliver_and_replay_on_each_cpu(model, 2);
 }
 
+fn three_cpus_deliver_and_replay_on_each_cpu(model: &str) {
+    cpus_deliver_and_replay_on_each_cpu(model, 3);
+}
+
 fn four_cpus_deliver_and_replay_on_each_cpu(model: &str) {
     cpus_deliver_and_replay_on_each_cpu(model, 4);
 }
@@ -258,7 +286,9 @@ fn exit_sti_window_keeps_an_interrupted_guest_handler_intact(model: &str) {
     let mut v = Verdict::new(&run);
     if let Some(l) = v.line("modes", Some("exit-sti")) {
         machine_is_sound(&mut v, l);
-        v.gt(l, "sti_window", 0);
+        core_books_are_exact(&mut v, l);
+        // The precondition of this test: windows did open while a guest handler was live.
+        v.gt(l, "sti_window", 0).gt(l, "sti_window_nested", 0);
     }
     v.finish();
 }
@@ -296,6 +326,43 @@ fn bench_prints_figures_on_two_cpus_with_and_without_stats(model: &str) {
     }
 }
 
+/// Scenario 1 with the kernel built without the core's counters (feature `stats` off): the
+/// delivery itself does not depend on them. The core's per-vector books are compiled out, so
+/// they must read 0 while the machine's own books still add up.
+fn modes_without_stats_deliver_each_interrupt_once(model: &str) {
+    let run = machine(RunSpec::new(model, "modes").without_stats());
+    let mut v = Verdict::new(&run);
+    for mode in MODES {
+        if let Some(l) = v.line("modes", Some(mode)) {
+            machine_is_sound(&mut v, l);
+            v.eq(l, "virtualized", 1)
+                .eq(l, "ping", 1)
+                .eq(l, "irr_left", 0)
+                .eq(l, "exits_extint", 0)
+                .eq(l, "core_replays", 0)
+                .eq(l, "core_injections", 0);
+            match mode {
+                "ack-replay" => {
+                    v.gt(l, "acked", 0)
+                        .gt(l, "replayed", 0)
+                        .eq(l, "dpc_in_root", 0)
+                        .eq(l, "guest_hi", 0);
+                }
+                "ack-inject" => {
+                    v.gt(l, "acked", 0).eq_field(l, "guest", "ran");
+                }
+                "exit-sti" => {
+                    v.gt(l, "sti_window", 0).eq(l, "acked", 0);
+                }
+                _ => {
+                    v.eq(l, "acked", 0).eq_field(l, "guest", "ran");
+                }
+            }
+        }
+    }
+    v.finish();
+}
+
 macro_rules! per_model {
     ($($scenario:ident),* $(,)?) => {$(
         mod $scenario {
@@ -321,7 +388,9 @@ per_model!(
     rejected_gates_are_injected,
     bench_prints_figures,
     two_cpus_deliver_and_replay_on_each_cpu,
+    three_cpus_deliver_and_replay_on_each_cpu,
     four_cpus_deliver_and_replay_on_each_cpu,
     exit_sti_window_keeps_an_interrupted_guest_handler_intact,
     bench_prints_figures_on_two_cpus_with_and_without_stats,
+    modes_without_stats_deliver_each_interrupt_once,
 );

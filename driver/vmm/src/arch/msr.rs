@@ -17,6 +17,19 @@ pub const SYNTHETIC_MSR_FIRST: u32 = 0x4000_0000;
 /// Last synthetic MSR.
 pub const SYNTHETIC_MSR_LAST: u32 = 0x4000_FFFF;
 
+/// Byte offset of the write bitmap for MSRs 0..0x1FFF in the MSR-bitmap page (SDM 3C,
+/// "MSR-Bitmap Address": read-low, read-high, write-low, write-high, 1 KiB each).
+const BITMAP_WRITE_LOW: usize = 2048;
+
+/// The bitmap's low range covers MSRs 0..=0x1FFF.
+const BITMAP_LOW_LAST: u32 = 0x1FFF;
+
+/// Byte and bit of the MSR-bitmap page that makes WRMSR of `msr` (0..=0x1FFF) exit.
+pub const fn bitmap_write_bit(msr: u32) -> (usize, u8) {
+    let low = (msr & BITMAP_LOW_LAST) as usize;
+    (BITMAP_WRITE_LOW + low / 8, (low % 8) as u8)
+}
+
 bitfield! {
     /// IA32_FEATURE_CONTROL (0x3A).
     #[derive(Clone, Copy, PartialEq, Eq)]
@@ -122,6 +135,11 @@ mod tests {
         let a = ApicBase::from_raw(0xFEE0_0D00);
         assert!(a.bsp() && a.x2apic() && a.enabled());
         assert_eq!(a.base_page() << 12, 0xFEE0_0000);
+    }
+
+    #[test]
+    fn debugctl_write_intercept_bit() {
+        assert_eq!(bitmap_write_bit(IA32_DEBUGCTL), (2048 + 59, 1));
     }
 
     #[test]

@@ -259,3 +259,76 @@ pub fn wbinvd() {
     // SAFETY: WBINVD only flushes caches; no memory changes meaning.
     unsafe { core::arch::asm!("wbinvd", options(nostack, preserves_flags)) };
 }
+
+read_reg!(/// Reads DR0.
+    dr0, "mov {}, dr0", u64);
+read_reg!(/// Reads DR1.
+    dr1, "mov {}, dr1", u64);
+read_reg!(/// Reads DR2.
+    dr2, "mov {}, dr2", u64);
+read_reg!(/// Reads DR3.
+    dr3, "mov {}, dr3", u64);
+read_reg!(/// Reads DR6.
+    dr6, "mov {}, dr6", u64);
+
+/// Reads debug register `n` (0–3 or 6; any other number reads DR6).
+#[inline(always)]
+pub fn read_dr(n: u8) -> u64 {
+    match n {
+        0 => dr0(),
+        1 => dr1(),
+        2 => dr2(),
+        3 => dr3(),
+        _ => dr6(),
+    }
+}
+
+macro_rules! write_dr_n {
+    ($name:ident, $insn:literal) => {
+        /// Writes one debug register.
+        ///
+        /// # Safety
+        /// As [`write_dr`].
+        #[inline(always)]
+        unsafe fn $name(v: u64) {
+            // SAFETY: caller's duty.
+            unsafe { core::arch::asm!($insn, in(reg) v, options(nomem, nostack, preserves_flags)) };
+        }
+    };
+}
+write_dr_n!(write_dr0, "mov dr0, {}");
+write_dr_n!(write_dr1, "mov dr1, {}");
+write_dr_n!(write_dr2, "mov dr2, {}");
+write_dr_n!(write_dr3, "mov dr3, {}");
+write_dr_n!(write_dr6, "mov dr6, {}");
+
+/// Writes debug register `n` (0–3 or 6; any other number writes DR6).
+///
+/// # Safety
+/// For DR6, bits 63:32 must be clear (else #GP). A breakpoint address only matters once DR7
+/// enables it: the caller owns that decision.
+#[inline(always)]
+pub unsafe fn write_dr(n: u8, v: u64) {
+    match n {
+        // SAFETY: caller's duty.
+        0 => unsafe { write_dr0(v) },
+        // SAFETY: caller's duty.
+        1 => unsafe { write_dr1(v) },
+        // SAFETY: caller's duty.
+        2 => unsafe { write_dr2(v) },
+        // SAFETY: caller's duty.
+        3 => unsafe { write_dr3(v) },
+        // SAFETY: caller's duty.
+        _ => unsafe { write_dr6(v) },
+    }
+}
+
+/// VERW with a memory operand: on a CPU that enumerates MD_CLEAR it also overwrites the CPU's
+/// internal buffers (Intel, "Deep Dive: Intel Analysis of Microarchitectural Data Sampling").
+/// `selector` should name a writable data segment (the kernel's SS) for the fast path.
+#[inline(always)]
+pub fn verw(selector: u16) {
+    let s = selector;
+    // SAFETY: VERW only reads its 16-bit operand (a local) and sets ZF; it writes no memory.
+    unsafe { core::arch::asm!("verw word ptr [{}]", in(reg) &s, options(readonly, nostack)) };
+}

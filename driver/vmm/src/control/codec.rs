@@ -161,6 +161,18 @@ impl Field for u64 {
     }
 }
 
+impl<const N: usize> Field for [u32; N] {
+    const SIZE: usize = 4 * N;
+    fn put(&self, w: &mut Writer<'_>) {
+        for v in self {
+            w.u32(*v);
+        }
+    }
+    fn take(r: &mut Reader<'_>) -> Self {
+        core::array::from_fn(|_| r.u32())
+    }
+}
+
 impl<const N: usize> Field for [u64; N] {
     const SIZE: usize = 8 * N;
     fn put(&self, w: &mut Writer<'_>) {

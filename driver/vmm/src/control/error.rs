@@ -72,6 +72,19 @@ pub enum ControlError {
         /// CPUs the platform reports.
         cpus: u32,
     },
+    /// The policy value names no delivery policy.
+    UnknownPolicy {
+        /// The value given.
+        policy: u32,
+    },
+    /// The vector takes no delivery policy: exceptions and classes ≤ DISPATCH (below
+    /// `first`) are always injected, and there is no vector past 0xFF.
+    VectorNotConfigurable {
+        /// The vector given.
+        vector: u32,
+        /// The lowest vector that takes a policy.
+        first: u32,
+    },
 }
 
 /// A core [`Error`] as it travels: a stable kind and one number of detail.
@@ -108,6 +121,8 @@ impl CoreFailure {
     pub const BUSY: u32 = 11;
     /// More CPUs than the core's table holds.
     pub const TOO_MANY_CPUS: u32 = 12;
+    /// An outer hypervisor other than Hyper-V does not expose VT-x (nested VT-x off).
+    pub const NESTED_VMX_HIDDEN: u32 = 13;
 
     /// Converts a core error; the one place `Error` becomes a number (exhaustive, no `_`, so a
     /// new core variant cannot travel unnamed).
@@ -121,6 +136,7 @@ impl CoreFailure {
             Error::VmxLockedOff => (Self::VMX_LOCKED_OFF, 0),
             Error::ForeignHypervisor => (Self::FOREIGN_HYPERVISOR, 0),
             Error::FredEnabled => (Self::FRED_ENABLED, 0),
+            Error::NestedVmxHidden { .. } => (Self::NESTED_VMX_HIDDEN, 0),
             Error::NotVirtualized => (Self::NOT_VIRTUALIZED, 0),
             Error::AlreadyVirtualized => (Self::ALREADY_VIRTUALIZED, 0),
             Error::Unsupported(_) => (Self::UNSUPPORTED, 0),
@@ -146,6 +162,7 @@ impl CoreFailure {
             Self::VMX_INSTRUCTION => "a VMX instruction failed",
             Self::BUSY => "vectors are still pending; retry",
             Self::TOO_MANY_CPUS => "more CPUs than the hypervisor's table holds",
+            Self::NESTED_VMX_HIDDEN => "the outer hypervisor does not expose VT-x",
             _ => "unknown core error",
         }
     }
@@ -187,6 +204,8 @@ impl ControlError {
             Self::NotVirtualized => status::NOT_VIRTUALIZED,
             Self::SetModeFailed { .. } => status::SET_MODE_FAILED,
             Self::ReplyTooLarge { .. } => status::REPLY_TOO_LARGE,
+            Self::UnknownPolicy { .. } => status::UNKNOWN_POLICY,
+            Self::VectorNotConfigurable { .. } => status::VECTOR_NOT_CONFIGURABLE,
         }
     }
 
@@ -203,6 +222,8 @@ impl ControlError {
             Self::NotVirtualized => (0, 0, 0),
             Self::SetModeFailed { cpu, reason } => (cpu, reason.kind, reason.detail),
             Self::ReplyTooLarge { cpus } => (cpus, 0, 0),
+            Self::UnknownPolicy { policy } => (policy, 0, 0),
+            Self::VectorNotConfigurable { vector, first } => (vector, first, 0),
         };
         ErrorReply {
             magic: ERROR_MAGIC,
@@ -241,6 +262,11 @@ impl ControlError {
                 reason: CoreFailure { kind: b, detail: c },
             },
             status::REPLY_TOO_LARGE => Self::ReplyTooLarge { cpus: a },
+            status::UNKNOWN_POLICY => Self::UnknownPolicy { policy: a },
+            status::VECTOR_NOT_CONFIGURABLE => Self::VectorNotConfigurable {
+                vector: a,
+                first: b,
+            },
             _ => return None,
         })
     }
@@ -289,6 +315,15 @@ impl fmt::Display for ControlError {
             Self::ReplyTooLarge { cpus } => {
                 write!(f, "the reply for {cpus} CPUs would exceed 4 GiB")
             }
+            Self::UnknownPolicy { policy } => write!(
+                f,
+                "unknown delivery policy {policy} (0 replay, 1 inject, 2 auto)"
+            ),
+            Self::VectorNotConfigurable { vector, first } => write!(
+                f,
+                "vector {vector:#x} takes no delivery policy: only {first:#x}..=0xff do \
+                 (lower vectors are exceptions or class <= DISPATCH, always injected)"
+            ),
         }
     }
 }
@@ -302,7 +337,7 @@ mod tests {
     use crate::platform::CpuIndex;
 
     /// One of each variant, with distinct argument values.
-    pub(crate) const ALL: [ControlError; 10] = [
+    pub(crate) const ALL: [ControlError; 12] = [
         ControlError::WrongInputSize {
             expected: 16,
             got: 3,
@@ -328,6 +363,11 @@ mod tests {
             },
         },
         ControlError::ReplyTooLarge { cpus: 700_000 },
+        ControlError::UnknownPolicy { policy: 7 },
+        ControlError::VectorNotConfigurable {
+            vector: 0x2f,
+            first: 0x30,
+        },
     ];
 
     #[test]
@@ -357,7 +397,7 @@ mod tests {
         r.magic = 0;
         assert_eq!(ControlError::from_reply(&r), None);
         r.magic = ERROR_MAGIC;
-        for s in [status::OK, 11, 0xFFFF, u32::MAX] {
+        for s in [status::OK, 13, 0xFFFF, u32::MAX] {
             r.status = s;
             assert_eq!(ControlError::from_reply(&r), None, "status {s}");
         }
@@ -365,7 +405,7 @@ mod tests {
 
     #[test]
     fn every_error_message_names_its_numbers() {
-        let cases: [(ControlError, &[&str]); 10] = [
+        let cases: [(ControlError, &[&str]); 12] = [
             (ALL[0], &["3 bytes", "takes 16"]),
             (ALL[1], &["8 bytes", "needs 7160"]),
             (ALL[2], &["0x00226ffc"]),
@@ -376,6 +416,8 @@ mod tests {
             (ALL[7], &["no CPU is virtualized"]),
             (ALL[8], &["CPU 3", "VM-instruction error 12"]),
             (ALL[9], &["700000 CPUs"]),
+            (ALL[10], &["policy 7"]),
+            (ALL[11], &["vector 0x2f", "0x30..=0xff"]),
         ];
         for (e, parts) in cases {
             let text = e.to_string();
@@ -426,6 +468,13 @@ mod tests {
             ),
             (Error::Busy, CoreFailure::BUSY, 0),
             (Error::TooManyCpus, CoreFailure::TOO_MANY_CPUS, 0),
+            (
+                Error::NestedVmxHidden {
+                    vendor: *b"VMwareVMware",
+                },
+                CoreFailure::NESTED_VMX_HIDDEN,
+                0,
+            ),
         ];
         let mut kinds = std::vec::Vec::new();
         for (e, kind, detail) in cases {

@@ -29,13 +29,17 @@ use core::mem::offset_of;
 use crate::Error;
 use crate::hypervisor::{self, Features};
 use crate::intr::Mode;
+use crate::intr::policy::Vector;
+use crate::intr::vector_policy::{
+    FIRST_POLICY_VECTOR, PolicyLookup, PolicyTable, VectorPolicy, configurable,
+};
 use crate::platform::CpuIndex;
 use crate::stats::Counters;
 use error::saturate;
 use wire::{
-    CpuModeEntry, CpuStats, Field, MAX_REQUEST_BYTES, PROTOCOL_VERSION, ReplyHeader, RequestHeader,
-    ResetStatsReply, ResetStatsRequest, SetModeReply, SetModeRequest, StatsReply, StatsRequest,
-    StatusReply, StatusRequest,
+    CpuModeEntry, CpuStats, Field, MAX_REQUEST_BYTES, PROTOCOL_VERSION, PolicyReply, PolicyRequest,
+    ReplyHeader, RequestHeader, ResetStatsReply, ResetStatsRequest, SetModeReply, SetModeRequest,
+    SetPolicyReply, SetPolicyRequest, StatsReply, StatsRequest, StatusReply, StatusRequest,
 };
 
 /// What the dispatcher needs from the hypervisor: the core's PASSIVE-level API
@@ -59,6 +63,10 @@ pub trait ControlTarget {
     fn bytes_per_cpu(&self) -> usize;
     /// The VMX features found, once a CPU was probed.
     fn features(&self) -> Option<Features>;
+    /// Sets `v`'s delivery policy in every virtualized CPU's table; returns how many.
+    fn set_policy_all(&self, v: Vector, p: VectorPolicy) -> u32;
+    /// One CPU's delivery policy table, `None` when it is not virtualized.
+    fn policy(&self, cpu: CpuIndex) -> Option<PolicyTable>;
 }
 
 /// The running hypervisor: each method calls its namesake in [`crate::hypervisor`].
@@ -89,6 +97,12 @@ impl ControlTarget for Live {
     fn features(&self) -> Option<Features> {
         hypervisor::features()
     }
+    fn set_policy_all(&self, v: Vector, p: VectorPolicy) -> u32 {
+        hypervisor::set_policy_all(v, p)
+    }
+    fn policy(&self, cpu: CpuIndex) -> Option<PolicyTable> {
+        hypervisor::policy(cpu)
+    }
 }
 
 /// A decoded, validated request.
@@ -105,6 +119,10 @@ pub enum Request {
     },
     /// [`wire::IOCTL_RESET_STATS`].
     ResetStats,
+    /// [`wire::IOCTL_POLICY`].
+    Policy,
+    /// [`wire::IOCTL_SET_POLICY`]: a vector that takes a policy, and the policy.
+    SetPolicy(u8, VectorPolicy),
 }
 
 /// Size of the input struct a code takes, `None` for an unknown code.
@@ -114,6 +132,8 @@ pub const fn input_size(code: u32) -> Option<usize> {
         wire::IOCTL_SET_MODE => Some(SetModeRequest::SIZE),
         wire::IOCTL_STATS => Some(StatsRequest::SIZE),
         wire::IOCTL_RESET_STATS => Some(ResetStatsRequest::SIZE),
+        wire::IOCTL_POLICY => Some(PolicyRequest::SIZE),
+        wire::IOCTL_SET_POLICY => Some(SetPolicyRequest::SIZE),
         _ => None,
     }
 }
@@ -126,6 +146,8 @@ impl Request {
             Self::SetMode(_) => wire::IOCTL_SET_MODE,
             Self::Stats { .. } => wire::IOCTL_STATS,
             Self::ResetStats => wire::IOCTL_RESET_STATS,
+            Self::Policy => wire::IOCTL_POLICY,
+            Self::SetPolicy(..) => wire::IOCTL_SET_POLICY,
         }
     }
 
@@ -148,6 +170,13 @@ impl Request {
             }
             .encode(&mut buf),
             Self::ResetStats => ResetStatsRequest { header }.encode(&mut buf),
+            Self::Policy => PolicyRequest { header }.encode(&mut buf),
+            Self::SetPolicy(vector, policy) => SetPolicyRequest {
+                header,
+                vector: u32::from(vector),
+                policy: policy as u32,
+            }
+            .encode(&mut buf),
         };
         // Every request struct fits MAX_REQUEST_BYTES (asserted in wire's tests).
         (buf, n.unwrap_or(0))
@@ -177,6 +206,20 @@ impl Request {
         match code {
             wire::IOCTL_STATUS => Ok(Self::Status),
             wire::IOCTL_RESET_STATS => Ok(Self::ResetStats),
+            wire::IOCTL_POLICY => Ok(Self::Policy),
+            wire::IOCTL_SET_POLICY => {
+                let r = SetPolicyRequest::decode(input).ok_or(size_error)?;
+                let vector = u8::try_from(r.vector)
+                    .ok()
+                    .filter(|v| configurable(Vector(*v)))
+                    .ok_or(ControlError::VectorNotConfigurable {
+                        vector: r.vector,
+                        first: u32::from(FIRST_POLICY_VECTOR),
+                    })?;
+                let policy = VectorPolicy::try_from(r.policy)
+                    .map_err(|policy| ControlError::UnknownPolicy { policy })?;
+                Ok(Self::SetPolicy(vector, policy))
+            }
             wire::IOCTL_SET_MODE => {
                 let r = SetModeRequest::decode(input).ok_or(size_error)?;
                 if r.reserved != 0 {
@@ -227,6 +270,8 @@ pub fn dispatch(
         Request::SetMode(mode) => set_mode(target, mode, output),
         Request::Stats { per_cpu } => stats(target, per_cpu, output),
         Request::ResetStats => reset_stats(target, output),
+        Request::Policy => policy(target, output),
+        Request::SetPolicy(v, p) => set_policy(target, v, p, output),
     }
 }
 
@@ -418,5 +463,66 @@ fn stats(
         entry_size: saturate(CpuStats::SIZE),
     };
     encoded(reply.encode(head), needed, len)?;
+    Ok(needed)
+}
+
+fn set_policy(
+    target: &dyn ControlTarget,
+    vector: u8,
+    policy: VectorPolicy,
+    output: &mut [u8],
+) -> Result<usize, ControlError> {
+    if target.virtualized_count() == 0 {
+        return Err(ControlError::NotVirtualized);
+    }
+    let needed = SetPolicyReply::SIZE;
+    let len = output.len();
+    let out = reply_buffer(output, needed)?;
+    let applied = target.set_policy_all(Vector(vector), policy);
+    let reply = SetPolicyReply {
+        header: header(needed),
+        vector: u32::from(vector),
+        policy: policy as u32,
+        cpus_applied: applied,
+        reserved: 0,
+    };
+    encoded(reply.encode(out), needed, len)?;
+    Ok(needed)
+}
+
+/// The table of every virtualized CPU, entry by entry: one policy, or [`wire::POLICY_MIXED`].
+/// Merged in place in the reply, one CPU's table (256 bytes) on the stack at a time: a
+/// [`PolicyReply`] value (1 KiB) and its copies would take most of a debug build's 4 KiB frame.
+fn policy(target: &dyn ControlTarget, output: &mut [u8]) -> Result<usize, ControlError> {
+    if target.virtualized_count() == 0 {
+        return Err(ControlError::NotVirtualized);
+    }
+    let needed = PolicyReply::SIZE;
+    let len = output.len();
+    let out = reply_buffer(output, needed)?;
+    let (head, entries) = out.split_at_mut(offset_of!(PolicyReply, policies));
+    // A CPU gone between the count above and its read leaves its entries at `replay`, not at
+    // whatever the caller's buffer held.
+    entries.fill(0);
+    let mut virtualized = 0u32;
+    for cpu in 0..target.cpu_count() {
+        let Some(table) = target.policy(CpuIndex(cpu)) else {
+            continue;
+        };
+        for (v, slot) in (0..=255u8).zip(entries.chunks_exact_mut(u32::SIZE)) {
+            let p = table.policy(Vector(v)) as u32;
+            let merged = match u32::decode(slot) {
+                Some(old) if virtualized > 0 && old != p => wire::POLICY_MIXED,
+                _ => p,
+            };
+            encoded(merged.encode(slot), needed, len)?;
+        }
+        virtualized = virtualized.wrapping_add(1);
+    }
+    let mut w = wire::Writer::new(head);
+    header(needed).put(&mut w);
+    w.u32(virtualized);
+    w.u32(u32::from(FIRST_POLICY_VECTOR));
+    encoded(w.finish(), needed, len)?;
     Ok(needed)
 }

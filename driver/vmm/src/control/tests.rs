@@ -9,6 +9,7 @@ use super::frame::{self, Decoded, FrameError, Kind};
 use super::serve::{MIN_REPLY_BUFFER, ServeEvent, serve};
 use super::wire::*;
 use super::*;
+use crate::intr::vector_policy::{PolicyTable, VectorPolicy};
 use crate::stats::{Counters, Snapshot};
 
 /// A hypervisor stand-in: per-CPU mode (`None` = not virtualized) and counters, an optional CPU
@@ -19,6 +20,7 @@ struct Mock {
     stats: RefCell<Vec<Snapshot>>,
     fail_at: Option<(u32, Error)>,
     features: Option<Features>,
+    policies: RefCell<Vec<PolicyTable>>,
     mutations: Cell<u32>,
 }
 
@@ -46,6 +48,11 @@ impl Mock {
                 external_interrupt_exiting: true,
                 ..Features::default()
             }),
+            policies: RefCell::new(vec![
+                PolicyTable::ALL_REPLAY
+                    .with(&[0xd1], VectorPolicy::Auto);
+                modes.len()
+            ]),
             mutations: Cell::new(0),
         }
     }
@@ -103,6 +110,26 @@ impl ControlTarget for Mock {
     }
     fn features(&self) -> Option<Features> {
         self.features
+    }
+    fn set_policy_all(&self, v: crate::intr::policy::Vector, p: VectorPolicy) -> u32 {
+        self.mutations.set(self.mutations.get() + 1);
+        let mut applied = 0;
+        for (table, mode) in self
+            .policies
+            .borrow_mut()
+            .iter_mut()
+            .zip(self.modes.borrow().iter())
+        {
+            if mode.is_some() {
+                table.set(v, p);
+                applied += 1;
+            }
+        }
+        applied
+    }
+    fn policy(&self, cpu: CpuIndex) -> Option<PolicyTable> {
+        self.modes.borrow().get(cpu.0 as usize).copied().flatten()?;
+        self.policies.borrow().get(cpu.0 as usize).copied()
     }
 }
 
@@ -236,7 +263,7 @@ fn wrong_input_size_names_both_sizes() {
             })
         );
     }
-    let long = [1, 0, 0, 0, 0, 0, 0, 0, 0];
+    let long = [PROTOCOL_VERSION as u8, 0, 0, 0, 0, 0, 0, 0, 0];
     assert_eq!(
         dispatch(&t, IOCTL_STATUS, &long, &mut [0; 64]),
         Err(ControlError::WrongInputSize {
@@ -256,6 +283,11 @@ fn output_too_small_answers_the_size_query_and_changes_nothing() {
         (Request::Stats { per_cpu: true }, stats_needed(5)),
         (Request::SetMode(Mode::AckInject), SetModeReply::SIZE),
         (Request::ResetStats, ResetStatsReply::SIZE),
+        (Request::Policy, PolicyReply::SIZE),
+        (
+            Request::SetPolicy(0x41, VectorPolicy::Inject),
+            SetPolicyReply::SIZE,
+        ),
     ] {
         for got in [0, 1, needed - 1] {
             let mut out = vec![0u8; got];
@@ -271,15 +303,15 @@ fn output_too_small_answers_the_size_query_and_changes_nothing() {
         let mut out = vec![0u8; needed];
         assert_eq!(call(&t, request, &mut out), Ok(needed), "{request:?}");
     }
-    // Only the two successful changing requests above changed anything.
-    assert_eq!(t.mutations.get(), 2);
+    // Only the three successful changing requests above changed anything.
+    assert_eq!(t.mutations.get(), 3);
 }
 
 #[test]
 fn unknown_code_is_refused_whatever_the_input() {
     let t = Mock::four();
     let (buf, n) = Request::Status.encode();
-    for code in [0, IOCTL_STATUS + 4 * 4, IOCTL_STATUS ^ (3 << 14), u32::MAX] {
+    for code in [0, IOCTL_STATUS + 6 * 4, IOCTL_STATUS ^ (3 << 14), u32::MAX] {
         assert_eq!(
             dispatch(&t, code, &buf[..n], &mut [0; 64]),
             Err(ControlError::UnknownCode { code })
@@ -290,16 +322,19 @@ fn unknown_code_is_refused_whatever_the_input() {
 #[test]
 fn version_mismatch_is_reported_before_the_size() {
     let t = Mock::four();
-    // A "version 2" client sending a longer set-mode request is told about the version.
-    let mut input = [0u8; 24];
-    input[0] = 2;
-    assert_eq!(
-        dispatch(&t, IOCTL_SET_MODE, &input, &mut [0; 64]),
-        Err(ControlError::VersionMismatch {
-            supported: PROTOCOL_VERSION,
-            got: 2
-        })
-    );
+    // A client of the next version sending a longer set-mode request, and one of version 1
+    // (which knew no policy requests), are told about the version.
+    for (version, len) in [(PROTOCOL_VERSION + 1, 24), (1, 16)] {
+        let mut input = [0u8; 24];
+        input[..4].copy_from_slice(&version.to_le_bytes());
+        assert_eq!(
+            dispatch(&t, IOCTL_SET_MODE, &input[..len], &mut [0; 64]),
+            Err(ControlError::VersionMismatch {
+                supported: PROTOCOL_VERSION,
+                got: version
+            })
+        );
+    }
     assert_eq!(t.mutations.get(), 0);
 }
 
@@ -413,6 +448,10 @@ fn requests_round_trip_through_encode_and_parse() {
         Request::ResetStats,
         Request::Stats { per_cpu: false },
         Request::Stats { per_cpu: true },
+        Request::Policy,
+        Request::SetPolicy(0x30, VectorPolicy::Inject),
+        Request::SetPolicy(0xd1, VectorPolicy::Auto),
+        Request::SetPolicy(0xff, VectorPolicy::Replay),
     ]
     .into_iter()
     .chain(Mode::ALL.map(Request::SetMode))
@@ -421,6 +460,103 @@ fn requests_round_trip_through_encode_and_parse() {
         assert_eq!(Some(n), input_size(r.code()));
         assert_eq!(Request::parse(r.code(), &buf[..n]), Ok(r));
     }
+}
+
+// ---- delivery policy (protocol version 2) -------------------------------------------------------
+
+fn policy_reply(t: &dyn ControlTarget) -> PolicyReply {
+    let mut out = vec![0u8; PolicyReply::SIZE];
+    assert_eq!(call(t, Request::Policy, &mut out), Ok(PolicyReply::SIZE));
+    PolicyReply::decode(&out).unwrap()
+}
+
+#[test]
+fn policy_reports_every_vector_of_the_virtualized_cpus() {
+    let t = Mock::four();
+    let r = policy_reply(&t);
+    assert_eq!(r.header.size as usize, PolicyReply::SIZE);
+    assert_eq!((r.virtualized_count, r.first_configurable), (3, 0x30));
+    for v in 0..=255usize {
+        let want = if v == 0xd1 {
+            VectorPolicy::Auto
+        } else {
+            VectorPolicy::Replay
+        };
+        assert_eq!(r.policies[v], want as u32, "vector {v:#x}");
+    }
+    // CPU 2 is not virtualized: its table does not count, even if it differs.
+    t.policies.borrow_mut()[2].set(crate::intr::policy::Vector(0x41), VectorPolicy::Inject);
+    assert_eq!(policy_reply(&t).policies[0x41], VectorPolicy::Replay as u32);
+    // Two virtualized CPUs that disagree: that entry says so, the others stay exact.
+    t.policies.borrow_mut()[3].set(crate::intr::policy::Vector(0x61), VectorPolicy::Inject);
+    let r = policy_reply(&t);
+    assert_eq!(r.policies[0x61], POLICY_MIXED);
+    assert_eq!(r.policies[0xd1], VectorPolicy::Auto as u32);
+}
+
+#[test]
+fn set_policy_reaches_every_virtualized_cpu_and_is_what_policy_shows() {
+    let t = Mock::four();
+    let mut out = [0u8; SetPolicyReply::SIZE];
+    let r = Request::SetPolicy(0xd1, VectorPolicy::Replay);
+    assert_eq!(call(&t, r, &mut out), Ok(SetPolicyReply::SIZE));
+    let reply = SetPolicyReply::decode(&out).unwrap();
+    assert_eq!(
+        (reply.vector, reply.policy, reply.cpus_applied),
+        (0xd1, VectorPolicy::Replay as u32, 3)
+    );
+    assert_eq!(policy_reply(&t).policies[0xd1], VectorPolicy::Replay as u32);
+    call(&t, Request::SetPolicy(0x41, VectorPolicy::Inject), &mut out).unwrap();
+    assert_eq!(policy_reply(&t).policies[0x41], VectorPolicy::Inject as u32);
+}
+
+#[test]
+fn set_policy_refuses_vectors_without_a_policy_and_unknown_policies() {
+    let t = Mock::four();
+    let input = |vector: u32, policy: u32| {
+        let mut b = [0u8; SetPolicyRequest::SIZE];
+        SetPolicyRequest {
+            header: RequestHeader::CURRENT,
+            vector,
+            policy,
+        }
+        .encode(&mut b)
+        .unwrap();
+        b
+    };
+    for vector in [0, 0x0e, 0x20, 0x2f, 0x100, u32::MAX] {
+        assert_eq!(
+            dispatch(&t, IOCTL_SET_POLICY, &input(vector, 1), &mut [0; 64]),
+            Err(ControlError::VectorNotConfigurable {
+                vector,
+                first: 0x30
+            })
+        );
+    }
+    for policy in [3, 0xff, u32::MAX] {
+        assert_eq!(
+            dispatch(&t, IOCTL_SET_POLICY, &input(0xd1, policy), &mut [0; 64]),
+            Err(ControlError::UnknownPolicy { policy })
+        );
+    }
+    assert_eq!(t.mutations.get(), 0, "a refused request changed nothing");
+    let none = Mock::new(&[None, None]);
+    for r in [
+        Request::Policy,
+        Request::SetPolicy(0xd1, VectorPolicy::Inject),
+    ] {
+        assert_eq!(
+            call(&none, r, &mut [0; 2048]),
+            Err(ControlError::NotVirtualized)
+        );
+    }
+    assert_eq!(
+        call(&t, Request::Policy, &mut [0; 64]),
+        Err(ControlError::OutputTooSmall {
+            needed: PolicyReply::SIZE as u32,
+            got: 64
+        })
+    );
 }
 
 // ---- generated malformed requests ---------------------------------------------------------------
@@ -444,7 +580,21 @@ impl Rng {
     }
 }
 
-const CODES: [u32; 4] = [IOCTL_STATUS, IOCTL_SET_MODE, IOCTL_STATS, IOCTL_RESET_STATS];
+const CODES: [u32; 6] = [
+    IOCTL_STATUS,
+    IOCTL_SET_MODE,
+    IOCTL_STATS,
+    IOCTL_RESET_STATS,
+    IOCTL_POLICY,
+    IOCTL_SET_POLICY,
+];
+
+fn some_set_policy(rng: &mut Rng) -> Request {
+    Request::SetPolicy(
+        rng.pick(&[0x30, 0x41, 0xd1, 0xfd, 0xff]),
+        rng.pick(&VectorPolicy::ALL),
+    )
+}
 
 fn malformed_input(rng: &mut Rng, code: u32) -> Vec<u8> {
     match rng.below(4) {
@@ -456,6 +606,8 @@ fn malformed_input(rng: &mut Rng, code: u32) -> Vec<u8> {
                     per_cpu: rng.below(2) == 0,
                 },
                 IOCTL_RESET_STATS => Request::ResetStats,
+                IOCTL_POLICY => Request::Policy,
+                IOCTL_SET_POLICY => some_set_policy(rng),
                 _ => Request::Status,
             };
             let (buf, n) = request.encode();
@@ -464,12 +616,14 @@ fn malformed_input(rng: &mut Rng, code: u32) -> Vec<u8> {
         // A well-formed request for some code, then damaged: a byte or two changed, cut short,
         // or lengthened.
         0 => {
-            let request = match rng.below(4) {
+            let request = match rng.below(6) {
                 0 => Request::Status,
                 1 => Request::SetMode(rng.pick(&Mode::ALL)),
                 2 => Request::Stats {
                     per_cpu: rng.below(2) == 0,
                 },
+                3 => Request::Policy,
+                4 => some_set_policy(rng),
                 _ => Request::ResetStats,
             };
             let (buf, n) = request.encode();
@@ -490,7 +644,7 @@ fn malformed_input(rng: &mut Rng, code: u32) -> Vec<u8> {
         }
         // The right header, then random bytes of a random length around the right one.
         1 => {
-            let version = rng.pick(&[PROTOCOL_VERSION, PROTOCOL_VERSION, 0, 2, u32::MAX]);
+            let version = rng.pick(&[PROTOCOL_VERSION, PROTOCOL_VERSION, 0, 1, 3, u32::MAX]);
             let mut v = version.to_le_bytes().to_vec();
             let len = input_size(code).unwrap_or(16) as u64;
             let extra = rng.below(len + 4);
@@ -505,13 +659,33 @@ fn malformed_input(rng: &mut Rng, code: u32) -> Vec<u8> {
     }
 }
 
+/// The generated tests' seed: `ACKVISOR_FUZZ_SEED` (decimal or 0x hex), or the fixed default.
+fn fuzz_seed() -> u64 {
+    const DEFAULT: u64 = 0x00AC_C7E5_7000_0001;
+    match std::env::var("ACKVISOR_FUZZ_SEED") {
+        Ok(s) if !s.trim().is_empty() => {
+            let s = s.trim();
+            match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => s.parse(),
+            }
+            .unwrap_or_else(|e| panic!("ACKVISOR_FUZZ_SEED={s}: {e}"))
+        }
+        _ => DEFAULT,
+    }
+}
+
+mod streams;
+
 #[test]
 fn generated_malformed_requests_never_panic_and_rejections_change_nothing() {
     const REQUESTS: u32 = 120_000;
+    let seed = fuzz_seed();
+    std::eprintln!("dispatch requests: ACKVISOR_FUZZ_SEED={seed:#x}");
     let mut failing = Mock::four();
     failing.fail_at = Some((3, Error::Busy));
     let targets = [Mock::four(), Mock::new(&[None, None, None]), failing];
-    let mut rng = Rng(0x00AC_C7E5_7000_0001);
+    let mut rng = Rng(seed);
     let mut output = vec![0u8; 1 << 16];
     let mut statuses_seen = [0u32; 16];
     let mut accepted = 0u32;
@@ -535,7 +709,11 @@ fn generated_malformed_requests_never_panic_and_rejections_change_nothing() {
             stats_needed(5),
             output.len(),
         ]);
-        let before = (target.mutations.get(), target.modes.borrow().clone());
+        let before = (
+            target.mutations.get(),
+            target.modes.borrow().clone(),
+            target.policies.borrow().clone(),
+        );
         match dispatch(target, code, &input, &mut output[..out_len]) {
             Ok(n) => {
                 accepted += 1;
@@ -552,7 +730,11 @@ fn generated_malformed_requests_never_panic_and_rejections_change_nothing() {
                 statuses_seen[s] += 1;
                 assert_eq!(ControlError::from_reply(&e.to_reply()), Some(e));
                 if !matches!(e, ControlError::SetModeFailed { .. }) {
-                    let after = (target.mutations.get(), target.modes.borrow().clone());
+                    let after = (
+                        target.mutations.get(),
+                        target.modes.borrow().clone(),
+                        target.policies.borrow().clone(),
+                    );
                     assert_eq!(
                         before, after,
                         "request {i} ({code:#x}, {input:?}) refused with {e} but changed state"
@@ -562,7 +744,9 @@ fn generated_malformed_requests_never_panic_and_rejections_change_nothing() {
         }
     }
     // The generator must actually reach every refusal (and some successes), or it proves little.
-    for s in 1..=status::SET_MODE_FAILED {
+    for s in (1..=status::SET_MODE_FAILED)
+        .chain([status::UNKNOWN_POLICY, status::VECTOR_NOT_CONFIGURABLE])
+    {
         assert!(
             statuses_seen[s as usize] > 0,
             "status {s} never produced: {statuses_seen:?}"

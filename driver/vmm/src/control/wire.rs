@@ -11,6 +11,8 @@
 //! | [`IOCTL_SET_MODE`] | [`SetModeRequest`] | [`SetModeReply`] |
 //! | [`IOCTL_STATS`] | [`StatsRequest`] | [`StatsReply`] + `entries` × [`CpuStats`] |
 //! | [`IOCTL_RESET_STATS`] | [`ResetStatsRequest`] | [`ResetStatsReply`] |
+//! | [`IOCTL_POLICY`] | [`PolicyRequest`] | [`PolicyReply`] |
+//! | [`IOCTL_SET_POLICY`] | [`SetPolicyRequest`] | [`SetPolicyReply`] |
 //!
 //! Every input starts with a [`RequestHeader`], every reply with a [`ReplyHeader`] whose `size`
 //! is the whole reply's length. A failed request answers with an [`ErrorReply`] instead.
@@ -72,8 +74,24 @@ pub const IOCTL_RESET_STATS: u32 = ctl_code(
     FILE_WRITE_ACCESS,
 );
 
+/// The per-vector delivery policy table of every CPU: read-only (protocol version 2).
+pub const IOCTL_POLICY: u32 = ctl_code(
+    FILE_DEVICE_UNKNOWN,
+    FUNCTION_BASE + 4,
+    METHOD_BUFFERED,
+    FILE_READ_ACCESS,
+);
+/// Set one vector's delivery policy on every CPU: needs write access (protocol version 2).
+pub const IOCTL_SET_POLICY: u32 = ctl_code(
+    FILE_DEVICE_UNKNOWN,
+    FUNCTION_BASE + 5,
+    METHOD_BUFFERED,
+    FILE_WRITE_ACCESS,
+);
+
 /// Version of this protocol. Bump it with any change to a layout, a code or a status below.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added [`IOCTL_POLICY`], [`IOCTL_SET_POLICY`] and their two statuses.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest request input of this version: a platform may copy the input to a fixed buffer of this
 /// size first (NT's METHOD_BUFFERED hands input and output in one shared buffer).
@@ -222,6 +240,10 @@ pub mod status {
     pub const SET_MODE_FAILED: u32 = 9;
     /// The reply would exceed what a `u32` size can describe.
     pub const REPLY_TOO_LARGE: u32 = 10;
+    /// The policy value names no policy (version 2).
+    pub const UNKNOWN_POLICY: u32 = 11;
+    /// The vector takes no policy: below 0x30 or past 0xFF (version 2).
+    pub const VECTOR_NOT_CONFIGURABLE: u32 = 12;
 }
 
 /// Customer-defined NTSTATUS facility of ackvisor (bits 27:16; the customer bit is 29).
@@ -412,7 +434,7 @@ wire_struct! {
 }
 
 // The counters' table sizes come from `stats`: changing one of them changes this layout, which
-// must come with a new PROTOCOL_VERSION. This pins the size protocol version 1 has.
+// must come with a new PROTOCOL_VERSION. This pins the size protocol versions 1 and 2 have.
 const _: () = assert!(
     CpuStats::SIZE == 7144,
     "CpuStats layout changed: bump PROTOCOL_VERSION"
@@ -540,6 +562,69 @@ wire_struct! {
     }
 }
 
+/// A [`PolicyReply::policies`] entry when the virtualized CPUs disagree (a change in flight, or
+/// a CPU virtualized since with its platform's defaults).
+pub const POLICY_MIXED: u32 = u32::MAX - 1;
+/// Number of entries in [`PolicyReply::policies`]: one per vector.
+pub const POLICY_ENTRIES: usize = 256;
+
+wire_struct! {
+    /// Input of [`IOCTL_POLICY`].
+    pub struct PolicyRequest {
+        /// Version header.
+        pub header: RequestHeader,
+    }
+}
+
+wire_struct! {
+    /// Reply of [`IOCTL_POLICY`]: the policy of every vector, the same on every virtualized CPU
+    /// unless an entry says [`POLICY_MIXED`].
+    pub struct PolicyReply {
+        /// Version and total size.
+        pub header: ReplyHeader,
+        /// CPUs virtualized when the tables were read.
+        pub virtualized_count: u32,
+        /// Lowest vector a policy applies to; lower vectors are always injected or exceptions.
+        pub first_configurable: u32,
+        /// By vector: `VectorPolicy as u32`, or [`POLICY_MIXED`].
+        pub policies: [u32; POLICY_ENTRIES],
+    }
+}
+
+wire_struct! {
+    /// Input of [`IOCTL_SET_POLICY`].
+    pub struct SetPolicyRequest {
+        /// Version header.
+        pub header: RequestHeader,
+        /// The vector, `first_configurable..=0xFF`.
+        pub vector: u32,
+        /// `VectorPolicy as u32`.
+        pub policy: u32,
+    }
+}
+
+wire_struct! {
+    /// Reply of [`IOCTL_SET_POLICY`], sent once every virtualized CPU's table holds the policy.
+    pub struct SetPolicyReply {
+        /// Version and total size.
+        pub header: ReplyHeader,
+        /// The vector.
+        pub vector: u32,
+        /// The policy now in force (`VectorPolicy as u32`).
+        pub policy: u32,
+        /// CPUs whose table was set.
+        pub cpus_applied: u32,
+        /// Zero.
+        pub reserved: u32,
+    }
+}
+
+// Protocol version 2's layouts.
+const _: () = assert!(PolicyRequest::SIZE == 8);
+const _: () = assert!(PolicyReply::SIZE == 16 + 4 * POLICY_ENTRIES);
+const _: () = assert!(SetPolicyRequest::SIZE == 16);
+const _: () = assert!(SetPolicyReply::SIZE == 24);
+
 /// [`ErrorReply::magic`]: tells an error reply from a short success reply.
 pub const ERROR_MAGIC: u32 = u32::from_le_bytes(*b"AkEr");
 
@@ -574,12 +659,16 @@ mod tests {
         assert_eq!(IOCTL_SET_MODE, 0x0022_A004);
         assert_eq!(IOCTL_STATS, 0x0022_6008);
         assert_eq!(IOCTL_RESET_STATS, 0x0022_A00C);
+        assert_eq!(IOCTL_POLICY, 0x0022_6010);
+        assert_eq!(IOCTL_SET_POLICY, 0x0022_A014);
         // Access bits: queries need read, changes need write.
         for (code, access) in [
             (IOCTL_STATUS, FILE_READ_ACCESS),
             (IOCTL_STATS, FILE_READ_ACCESS),
             (IOCTL_SET_MODE, FILE_WRITE_ACCESS),
             (IOCTL_RESET_STATS, FILE_WRITE_ACCESS),
+            (IOCTL_POLICY, FILE_READ_ACCESS),
+            (IOCTL_SET_POLICY, FILE_WRITE_ACCESS),
         ] {
             assert_eq!((code >> 14) & 3, access);
             assert_eq!(code & 3, METHOD_BUFFERED);
@@ -601,11 +690,17 @@ mod tests {
         assert_eq!(ResetStatsRequest::SIZE, 8);
         assert_eq!(ResetStatsReply::SIZE, 16);
         assert_eq!(ErrorReply::SIZE, 24);
+        assert_eq!(PolicyRequest::SIZE, 8);
+        assert_eq!(PolicyReply::SIZE, 1040);
+        assert_eq!(SetPolicyRequest::SIZE, 16);
+        assert_eq!(SetPolicyReply::SIZE, 24);
         let largest = [
             StatusRequest::SIZE,
             SetModeRequest::SIZE,
             StatsRequest::SIZE,
             ResetStatsRequest::SIZE,
+            PolicyRequest::SIZE,
+            SetPolicyRequest::SIZE,
         ];
         assert_eq!(largest.into_iter().max(), Some(MAX_REQUEST_BYTES));
     }
@@ -619,7 +714,7 @@ mod tests {
         };
         let mut b = [0u8; 16];
         assert_eq!(r.encode(&mut b), Some(16));
-        assert_eq!(b, [1, 0, 0, 0, 0, 0, 0, 0, 4, 3, 2, 1, 0, 0, 0, 0]);
+        assert_eq!(b, [2, 0, 0, 0, 0, 0, 0, 0, 4, 3, 2, 1, 0, 0, 0, 0]);
         assert_eq!(SetModeRequest::decode(&b), Some(r));
     }
 

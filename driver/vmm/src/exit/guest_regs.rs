@@ -59,8 +59,53 @@ impl GuestRegs {
         }
     }
 
+    /// Operand register `n` of an exiting MOV CR/MOV DR (the qualification's GPR field). RSP is
+    /// not saved here: the guest's RSP is GUEST_RSP, which `guest_rsp` reads (only for RSP).
+    #[inline(always)]
+    pub fn operand(&self, n: usize, guest_rsp: impl FnOnce() -> u64) -> u64 {
+        if n == reg::RSP {
+            guest_rsp()
+        } else {
+            self.get(n)
+        }
+    }
+
+    /// Stores `v` into operand register `n`. For RSP it returns `Some(v)`: the caller writes
+    /// it to GUEST_RSP (the stub restores no RSP from here).
+    #[inline(always)]
+    #[must_use]
+    pub fn set_operand(&mut self, n: usize, v: u64) -> Option<u64> {
+        if n == reg::RSP {
+            Some(v)
+        } else {
+            self.set(n, v);
+            None
+        }
+    }
+
     /// EDX:EAX as one value (RDMSR/WRMSR/XSETBV operands).
     pub fn edx_eax(&self) -> u64 {
         (self.get(reg::RDX) << 32) | (self.get(reg::RAX) & 0xFFFF_FFFF)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsp_operand_is_the_guest_rsp_not_the_unused_slot() {
+        let mut r = GuestRegs::default();
+        r.gpr[reg::RSP] = 0xDEAD;
+        r.gpr[reg::RBX] = 7;
+        assert_eq!(
+            r.operand(reg::RSP, || 0xFFFF_8000_1234_5670),
+            0xFFFF_8000_1234_5670
+        );
+        assert_eq!(r.operand(reg::RBX, || unreachable!("RSP not asked")), 7);
+        assert_eq!(r.set_operand(reg::RSP, 0x42), Some(0x42));
+        assert_eq!(r.gpr[reg::RSP], 0xDEAD, "the slot stays unused");
+        assert_eq!(r.set_operand(reg::RBX, 9), None);
+        assert_eq!(r.gpr[reg::RBX], 9);
     }
 }

@@ -6,16 +6,22 @@
 use super::guest_regs::reg;
 use super::hypercall::{self, Call, Status, VmcallAction};
 use super::{ExitAction, ExitCtx};
+use crate::arch::debug::{DR6_BD, Dr7};
 use crate::arch::{msr, regs};
 use crate::intr::Mode;
+use crate::intr::debug::{self, MovDr};
 use crate::log_ring::LogKind;
 use crate::platform::FatalKind;
 use crate::stats::Anomaly;
-use crate::vmx::fields::{CrAccessQual, Interruptibility, cr_access, exception};
+use crate::vmx::fields::{CrAccessQual, DrAccessQual, Interruptibility, cr_access, exception};
 use crate::vmx::vmcs::CR4_VMXE;
 use x86::vmx::vmcs::{control, guest, ro};
 
 const RFLAGS_TF: u64 = 1 << 8;
+/// CR4.DE: DR4/DR5 #UD instead of aliasing DR6/DR7.
+const CR4_DE: u64 = 1 << 3;
+/// DR6's number.
+const DR6: u8 = 6;
 /// Pending debug exceptions: BS (single step) — SDM 3C, "Guest Non-Register State".
 const PENDING_DBG_BS: u64 = 1 << 14;
 /// CPUID.1:ECX.VMX, hidden from the guest.
@@ -217,12 +223,25 @@ fn ours(ctx: &mut ExitCtx<'_>) -> ExitAction {
     ExitAction::Resume
 }
 
+/// The source operand of an exiting MOV: RSP comes from the VMCS.
+fn operand(ctx: &ExitCtx<'_>, gpr: usize) -> u64 {
+    let vmcs = ctx.vmcs;
+    ctx.regs.operand(gpr, || vmcs.read(guest::RSP))
+}
+
+/// Stores a MOV's result into its destination register (RSP: GUEST_RSP).
+fn set_operand(ctx: &mut ExitCtx<'_>, gpr: usize, v: u64) {
+    if let Some(rsp) = ctx.regs.set_operand(gpr, v) {
+        ctx.vmcs.set(guest::RSP, rsp);
+    }
+}
+
 pub(super) fn handle_cr_access(ctx: &mut ExitCtx<'_>) -> ExitAction {
     let q = CrAccessQual::from_raw(ctx.vmcs.read(ro::EXIT_QUALIFICATION));
     let gpr = usize::from(q.gpr());
     match (q.cr(), q.access_type()) {
         (8, cr_access::MOV_TO) => {
-            let value = ctx.regs.get(gpr);
+            let value = operand(ctx, gpr);
             if value > 0xF {
                 // SDM "MOV—Move to/from Control Registers": reserved CR8 bits set is #GP.
                 return inject_gp(ctx);
@@ -237,7 +256,7 @@ pub(super) fn handle_cr_access(ctx: &mut ExitCtx<'_>) -> ExitAction {
             ExitAction::Resume
         }
         (4, cr_access::MOV_TO) => {
-            let value = ctx.regs.get(gpr);
+            let value = operand(ctx, gpr);
             let fixed = crate::hypervisor::cr4_fixed();
             // The guest never sees VMXE (nested VMX is not offered): setting it #GPs, as on a
             // CPU without VMX; other fixed-bit violations #GP as they would in VMX operation.
@@ -253,18 +272,61 @@ pub(super) fn handle_cr_access(ctx: &mut ExitCtx<'_>) -> ExitAction {
         }
         // Only without TRUE controls, where CR3-load/store exiting is default-1.
         (3, cr_access::MOV_TO) => {
-            ctx.vmcs.set(guest::CR3, ctx.regs.get(gpr) & !(1 << 63));
+            ctx.vmcs.set(guest::CR3, operand(ctx, gpr) & !(1 << 63));
             skip(ctx);
             ExitAction::Resume
         }
         (3, cr_access::MOV_FROM) => {
             let cr3 = ctx.vmcs.read(guest::CR3);
-            ctx.regs.set(gpr, cr3);
+            set_operand(ctx, gpr, cr3);
             skip(ctx);
             ExitAction::Resume
         }
         _ => ctx.fatal(FatalKind::UnexpectedExit),
     }
+}
+
+/// MOV DR (MOV-DR exiting, `intr::debug`): DR7 lives in the VMCS and in root's shadow of it,
+/// DR0-3 and DR6 are the CPU's own and shared with root.
+pub(super) fn handle_dr_access(ctx: &mut ExitCtx<'_>) -> ExitAction {
+    let q = DrAccessQual::from_raw(ctx.vmcs.read(ro::EXIT_QUALIFICATION));
+    let gpr = usize::from(q.gpr());
+    let value = if q.from_dr() { 0 } else { operand(ctx, gpr) };
+    let cr4_de = ctx.vmcs.read(guest::CR4) & CR4_DE != 0;
+    match debug::mov_dr(q.dr(), !q.from_dr(), value, cr4_de, ctx.root.guest_dr7) {
+        MovDr::GeneralDetect => {
+            // SDM 3B, "Debug Control Register (DR7)": the #DB clears GD and reports BD.
+            let mut dr7 = Dr7::from_raw(ctx.root.guest_dr7);
+            dr7.set_general_detect(false);
+            ctx.root.set_guest_dr7(dr7.raw());
+            ctx.vmcs.set(guest::DR7, dr7.raw());
+            let dr6 = regs::read_dr(DR6);
+            // SAFETY: DR6 with BD added to what the CPU holds (upper half already 0).
+            unsafe { regs::write_dr(DR6, dr6 | DR6_BD) };
+            crate::intr::inject::exception(ctx.vmcs, exception::DB, false);
+            return ExitAction::Resume;
+        }
+        MovDr::Undefined => return inject_ud(ctx),
+        MovDr::GeneralProtection => return inject_gp(ctx),
+        MovDr::ReadDr7 => {
+            let dr7 = ctx.root.guest_dr7;
+            set_operand(ctx, gpr, dr7);
+        }
+        MovDr::WriteDr7(v) => {
+            ctx.root.set_guest_dr7(v);
+            ctx.vmcs.set(guest::DR7, v);
+        }
+        MovDr::Read(n) => {
+            let v = regs::read_dr(n);
+            set_operand(ctx, gpr, v);
+        }
+        // SAFETY: the guest's own write to its own debug register, which root shares; a DR6
+        // value with its upper half set was refused (#GP) by `mov_dr`. Breakpoint addresses
+        // take effect only under the guest's DR7, which root loads only around its handlers.
+        MovDr::Write(n, v) => unsafe { regs::write_dr(n, v) },
+    }
+    skip(ctx);
+    ExitAction::Resume
 }
 
 /// MSRs outside the bitmap's ranges always exit. Only the synthetic range is passed through,
@@ -290,6 +352,16 @@ pub(super) fn handle_rdmsr(ctx: &mut ExitCtx<'_>) -> ExitAction {
 
 pub(super) fn handle_wrmsr(ctx: &mut ExitCtx<'_>) -> ExitAction {
     let index = ctx.regs.get(reg::RCX) as u32;
+    if index == msr::IA32_DEBUGCTL && ctx.root.debugctl_msr {
+        // The MSR bitmap intercepts this write (`intr::debug`): root keeps the value.
+        let Some(v) = debug::debugctl_write(ctx.regs.edx_eax()) else {
+            return inject_gp(ctx);
+        };
+        ctx.root.set_guest_debugctl(v);
+        ctx.vmcs.set(guest::IA32_DEBUGCTL_FULL, v);
+        skip(ctx);
+        return ExitAction::Resume;
+    }
     if !passes_through(ctx, index) {
         return inject_gp(ctx);
     }

@@ -111,6 +111,7 @@ static HANDLERS: [Option<Handler>; HANDLER_SLOTS] = {
     t[reason::INVVPID as usize] = Some(instr::handle_undefined);
     t[reason::VMFUNC as usize] = Some(instr::handle_undefined);
     t[reason::CR_ACCESS as usize] = Some(instr::handle_cr_access);
+    t[reason::DR_ACCESS as usize] = Some(instr::handle_dr_access);
     t[reason::RDMSR as usize] = Some(instr::handle_rdmsr);
     t[reason::WRMSR as usize] = Some(instr::handle_wrmsr);
     t[reason::MONITOR_TRAP_FLAG as usize] = Some(handle_forced_exit);
@@ -170,6 +171,7 @@ pub(crate) extern "sysv64" fn dispatch(
     cpu.data.stats.exit(reason.basic());
     if root.exiting_suspended {
         crate::intr::inject::resume_exiting(&vmcs, root);
+        cpu.data.stats.exiting_resumed();
     }
     let mut ctx = ExitCtx {
         vmcs: &vmcs,

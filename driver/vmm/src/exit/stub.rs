@@ -139,20 +139,52 @@ const fn gpr(n: usize) -> usize {
 /// - **slow** (`dispatch_fast` returned nonzero: any other exit): [`exit_slow`] completes
 ///   `GuestRegs` with the six callee-saved registers (still the guest's), saves the vector
 ///   state and calls `exit::dispatch`; then all fifteen come back (handlers may change any).
+///
+/// On the msvc target both carry unwind data (HyperPlatform's idea, STYLE §2.5) so that
+/// WinDbg's `k`, stopped in a handler that root replayed, walks through the dispatcher into
+/// this frame and ends cleanly: the codes describe the saved registers (they come back in the
+/// unwound context) and count the `&PerCpu` slot as allocated, so the unwinder's return address
+/// is the zeroed qword above HOST_RSP, which ends the walk.
 #[unsafe(naked)]
 pub extern "sysv64" fn vm_exit_entry() -> ! {
     core::arch::naked_asm!(
         // -- fast path: volatile registers into their GuestRegs slots.
+        #[cfg(windows)]
+        ".seh_proc {this}",                 // unwind data for WinDbg (see above)
+        #[cfg(windows)]
+        ".seh_stackalloc 8",                // the &PerCpu slot HOST_RSP points at
         "sub rsp, {regs}",                  // GuestRegs, ending at HOST_RSP
+        #[cfg(windows)]
+        ".seh_stackalloc {regs}",           //
         "mov [rsp + {rax}], rax",           //
+        #[cfg(windows)]
+        ".seh_savereg rax, {rax}",
         "mov [rsp + {rcx}], rcx",           //
+        #[cfg(windows)]
+        ".seh_savereg rcx, {rcx}",
         "mov [rsp + {rdx}], rdx",           //
+        #[cfg(windows)]
+        ".seh_savereg rdx, {rdx}",
         "mov [rsp + {rsi}], rsi",           //
+        #[cfg(windows)]
+        ".seh_savereg rsi, {rsi}",
         "mov [rsp + {rdi}], rdi",           //
+        #[cfg(windows)]
+        ".seh_savereg rdi, {rdi}",
         "mov [rsp + {r8}], r8",             //
+        #[cfg(windows)]
+        ".seh_savereg r8, {r8}",
         "mov [rsp + {r9}], r9",             //
+        #[cfg(windows)]
+        ".seh_savereg r9, {r9}",
         "mov [rsp + {r10}], r10",           //
+        #[cfg(windows)]
+        ".seh_savereg r10, {r10}",
         "mov [rsp + {r11}], r11",           //
+        #[cfg(windows)]
+        ".seh_savereg r11, {r11}",
+        #[cfg(windows)]
+        ".seh_endprologue",                 //
         "mov rdi, [rsp + {regs}]",          // arg 1: &PerCpu from the top slot
         "cld",                              // the ABI wants DF=0; the guest may have set it
         "call {fast}",                      // rax = 0: handled, resume; else the slow path
@@ -204,6 +236,8 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         "mov rsp, [rsp + {devirt}]",        // rsp = guest RSP - 16: [RFLAGS, RIP]
         "popfq",                            // guest RFLAGS (may set IF)
         "ret",                              // guest RIP, RSP = guest RSP
+        #[cfg(windows)]
+        ".seh_endproc",                     //
         regs = const REGS_BYTES,
         rax = const gpr(0),
         rcx = const gpr(1),
@@ -224,6 +258,8 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         fast = sym super::dispatch_fast,
         slow = sym exit_slow,
         failed = sym resume_failed,
+        #[cfg(windows)]
+        this = sym vm_exit_entry,
     )
 }
 
@@ -241,6 +277,8 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
 #[unsafe(naked)]
 extern "sysv64" fn exit_slow(regs: &mut GuestRegs, cpu: &PerCpu) -> u64 {
     core::arch::naked_asm!(
+        #[cfg(windows)]
+        ".seh_proc {this}",                 // unwind data (see vm_exit_entry)
         ".global ackvisor_exit_slow",       // the XMM check's boundary
         "ackvisor_exit_slow:",              //
         "mov [rdi + {rbx}], rbx",           // callee-saved: still the guest's
@@ -250,12 +288,18 @@ extern "sysv64" fn exit_slow(regs: &mut GuestRegs, cpu: &PerCpu) -> u64 {
         "mov [rdi + {r14}], r14",           //
         "mov [rdi + {r15}], r15",           //
         "sub rsp, {frame}",                 // 16-byte aligned FXSAVE area
+        #[cfg(windows)]
+        ".seh_stackalloc {frame}",          //
+        #[cfg(windows)]
+        ".seh_endprologue",                 //
         "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP
         "mov rdx, rsp",                     // arg 3: &mut FxArea (rdi, rsi: args 1, 2)
         "call {dispatch}",                  // rax = 0 resume, 1 devirtualize
         "fxrstor64 [rsp]",                  //
         "add rsp, {frame}",                 //
         "ret",                              //
+        #[cfg(windows)]
+        ".seh_endproc",                     //
         rbx = const gpr(3),
         rbp = const gpr(5),
         r12 = const gpr(12),
@@ -264,6 +308,8 @@ extern "sysv64" fn exit_slow(regs: &mut GuestRegs, cpu: &PerCpu) -> u64 {
         r15 = const gpr(15),
         frame = const FXSAVE_BYTES + 8,
         dispatch = sym super::dispatch,
+        #[cfg(windows)]
+        this = sym exit_slow,
     )
 }
 

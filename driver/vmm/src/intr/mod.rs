@@ -2,14 +2,19 @@
 //!
 //! **Runs in:** VMX root (IF=0, guest CR8), except `mode` and [`policy`], which are pure.
 
+pub mod debug;
 pub mod inject;
 mod mode;
 pub mod pending;
 pub mod policy;
 pub mod replay;
+pub mod spurious;
+pub mod vector_policy;
+pub mod wake;
 
 pub use mode::Mode;
 
+use crate::arch::debug::DR7_AFTER_EXIT;
 use crate::arch::regs;
 use crate::cpu::{PerCpu, RootState};
 use crate::exit::ExitCtx;
@@ -22,6 +27,9 @@ use x86::vmx::vmcs::{control::ExitControls, guest, ro};
 
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
+/// Log detail flag of a [`Anomaly::DuplicatePending`] whose acknowledge did not fit the pending
+/// set (`pending::MAX_ACKS_PER_VECTOR` already waiting): that one is lost.
+pub const SATURATED_DETAIL: u64 = 1 << 63;
 
 /// What the interrupt path touches: the exit stub's fast path builds it without the saved
 /// registers (`exit::dispatch_fast`), the handlers through [`IntrCtx::of`].
@@ -112,7 +120,7 @@ pub fn try_fast(ctx: &mut IntrCtx<'_>) -> bool {
             .apic
             .and_then(crate::arch::apic::highest_irr)
             .map(Vector);
-        if policy::sti_window(highest, &g) != StiWindow::Open {
+        if policy::sti_window(highest, &g, &ctx.cpu.data.policy) != StiWindow::Open {
             return false;
         }
         open_sti_window(ctx, &g);
@@ -123,7 +131,10 @@ pub fn try_fast(ctx: &mut IntrCtx<'_>) -> bool {
     }
     let v = Vector(info.vector());
     let g = guest_view(ctx.vmcs);
-    match policy::decide(ctx.root.mode, v, &g) {
+    // The per-vector policy as `decide` applies it; every deferral is declined, so the
+    // spurious vector's exemption from CR8 (`decide`, a priority wait only) stays the slow
+    // path's.
+    match policy::decide(ctx.root.mode, v, &g, &ctx.cpu.data.policy) {
         Delivery::Replay => {
             let Ok(handler) = gate_handler(ctx, v) else {
                 return false;
@@ -153,7 +164,7 @@ pub fn on_external_interrupt(ctx: &mut IntrCtx<'_>) {
     if !ctx.root.pending.is_empty() {
         return join_pending(ctx.reborrow(), v, g);
     }
-    match policy::decide(ctx.root.mode, v, &g) {
+    match decide(ctx, v, &g) {
         Delivery::Replay => {
             replay_or_inject(ctx, v, &g);
         }
@@ -180,7 +191,8 @@ fn on_unusual_info(mut ctx: IntrCtx<'_>, info: ExitIntrInfo) {
 /// `v` must wait: into the pending set, with the exit that brings it back.
 #[inline(never)]
 fn defer(ctx: IntrCtx<'_>, v: Vector, wait: Wait) {
-    ctx.root.pending.insert(v);
+    // The set is empty, so this first acknowledge always fits.
+    let _ = ctx.root.pending.insert(v);
     ctx.cpu.data.stats.deferral();
     let (window, cr8) = (wait == Wait::Window, wait == Wait::Priority);
     inject::set_waits(ctx.vmcs, ctx.root, window, cr8);
@@ -189,8 +201,15 @@ fn defer(ctx: IntrCtx<'_>, v: Vector, wait: Wait) {
 /// Older vectors wait: `v` joins them so delivery stays in priority order.
 #[inline(never)]
 fn join_pending(mut ctx: IntrCtx<'_>, v: Vector, g: GuestView) {
-    if !ctx.root.pending.insert(v) {
-        ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0));
+    // The same vector may already wait: the guest's EOI cleared its ISR bit (it was the
+    // highest) and the line was sent again. Each acknowledge is delivered once, so each gets
+    // its EOI (`pending` module docs); the re-acknowledge is counted.
+    match ctx.root.pending.insert(v) {
+        Ok(1) => {}
+        Ok(_) => ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0)),
+        Err(pending::Saturated) => {
+            ctx.anomaly(Anomaly::DuplicatePending, u64::from(v.0) | SATURATED_DETAIL);
+        }
     }
     deliver_pending(&mut ctx, &g);
     if ctx.root.pending.contains(v) {
@@ -205,13 +224,30 @@ pub fn on_window(ctx: &mut ExitCtx<'_>) {
     deliver_pending(&mut ctx, &g);
 }
 
+/// [`policy::decide`], with the LAPIC's spurious vector exempt from CR8 ([`spurious`]). The SVR
+/// is read only when CR8 would hold a vector back, so the common path reads nothing more.
+#[inline(always)]
+fn decide(ctx: &IntrCtx<'_>, v: Vector, g: &GuestView) -> Delivery {
+    let mode = ctx.root.mode;
+    match policy::decide(mode, v, g, &ctx.cpu.data.policy) {
+        Delivery::Defer(Wait::Priority) => {
+            let svr = ctx
+                .root
+                .platform
+                .map(|p| Vector(crate::arch::apic::spurious_vector(p.apic())));
+            spurious::decide(mode, v, svr, g, &ctx.cpu.data.policy)
+        }
+        d => d,
+    }
+}
+
 /// Delivers pending vectors, highest first, while the guest can take them; re-arms the exit
 /// that brings the rest back.
 fn deliver_pending(ctx: &mut IntrCtx<'_>, g: &GuestView) {
     let mut wait = None;
     let mut injected = false;
     while let Some(v) = ctx.root.pending.highest() {
-        match policy::decide(ctx.root.mode, v, g) {
+        match decide(ctx, v, g) {
             Delivery::Replay => {
                 ctx.root.pending.remove(v);
                 injected = replay_or_inject(ctx, v, g);
@@ -267,14 +303,83 @@ fn replay(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView, handler: u64) {
         kcs: ctx.root.kernel_cs,
         kss: ctx.root.kernel_ss,
     };
-    let cycles = run_at_dispatch(ctx.root, what, policy::frame_stack(g.cpl, g.rsp), g.cr8);
+    let cycles = run_with_guest_debug(ctx, what, policy::frame_stack(g.cpl, g.rsp), g.cr8);
+    if policy::clears_buffers_after_replay(g.cpl, ctx.root.md_clear) {
+        // The handler ran kernel code for an interrupt from user mode; NT's own return to user
+        // mode would clear CPU buffers (MDS) there, and the guest now resumes at CPL 3.
+        regs::verw(ctx.root.kernel_ss);
+    }
     ctx.cpu.data.stats.replay(v.0);
     // Only reason-1 exits are timed (`Stats::cycles`); a replay from a window or CR8 exit
     // would otherwise inflate the handler share beyond the total.
     if ctx.timed {
         ctx.cpu.data.stats.handler_cycles(cycles);
     }
-    wake(ctx, g);
+    // A halted guest that got an interrupt would have woken (kvm-unit-tests too).
+    wake::after_delivery(ctx.vmcs, g.activity);
+}
+
+/// [`run_at_dispatch`] with the guest's debug registers given to the handlers root runs
+/// ([`debug`]): loaded only when `RootState::debug_armed`, and whatever the call left in DR7
+/// other than the exit's value written back. The common call costs a byte test before, one
+/// MOV from DR7 and a compare after. On a platform with its own IRQL calls (NT) they bracket
+/// the raise and the lower too.
+#[inline(always)]
+fn run_with_guest_debug(
+    ctx: &mut IntrCtx<'_>,
+    what: RootRun,
+    frame: policy::FrameStack,
+    guest_cr8: u8,
+) -> u64 {
+    if ctx.root.debug_armed {
+        enter_guest_debug(ctx.root);
+    }
+    let cycles = run_at_dispatch(ctx.root, what, frame, guest_cr8);
+    // Armed or not, a DR7 other than the exit's means there is something to write back or
+    // put back (`debug::plan` never loads the exit's value).
+    let dr7 = regs::dr7();
+    if dr7 != DR7_AFTER_EXIT {
+        leave_guest_debug(ctx.reborrow(), dr7);
+    }
+    cycles
+}
+
+/// Gives the guest's handlers that root is about to run the guest's DR7 and DEBUGCTL
+/// ([`debug`]). Only when `RootState::debug_armed`: the common root call skips it.
+#[cold]
+#[inline(never)]
+fn enter_guest_debug(root: &RootState) {
+    replay::load_guest_debug(&debug::plan(
+        root.guest_dr7,
+        root.guest_debugctl,
+        root.debugctl_msr,
+    ));
+}
+
+/// Writes back to the VMCS what the root call changed in DR7/DEBUGCTL (a debugger's thaw, a
+/// `ba` set or removed inside the handler), so the guest keeps it after VM entry. `dr7` is
+/// what the call left in DR7, never the exit's 0x400.
+#[cold]
+#[inline(never)]
+fn leave_guest_debug(ctx: IntrCtx<'_>, dr7: u64) {
+    // Nothing changes the shadows during a root call (no exit can nest), so this is the plan
+    // `enter_guest_debug` loaded.
+    let plan = debug::plan(
+        ctx.root.guest_dr7,
+        ctx.root.guest_debugctl,
+        ctx.root.debugctl_msr,
+    );
+    let debugctl = replay::take_guest_debug(&plan, dr7);
+    if let Some(v) = debug::changed(plan.dr7, dr7) {
+        ctx.vmcs.set(guest::DR7, v);
+        ctx.root.set_guest_dr7(v);
+    }
+    if let (Some(during), Some(after)) = (plan.debugctl, debugctl)
+        && let Some(v) = debug::changed(during, after)
+    {
+        ctx.vmcs.set(guest::IA32_DEBUGCTL_FULL, v);
+        ctx.root.set_guest_debugctl(v);
+    }
 }
 
 /// A gate failed validation: counted and logged (the caller injects the vector).
@@ -372,18 +477,8 @@ extern "sysv64" fn platform_run(call: &PlatformRun) {
 
 #[inline(always)]
 fn inject(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView) {
-    inject::external(ctx.vmcs, v.0);
+    wake::inject_external(ctx.vmcs, v.0, g.activity);
     ctx.cpu.data.stats.injection(v.0);
-    wake(ctx, g);
-}
-
-/// A halted guest that got an interrupt would have woken (kvm-unit-tests set this too).
-#[inline(always)]
-fn wake(ctx: &IntrCtx<'_>, g: &GuestView) {
-    let next = policy::activity_after_delivery(g.activity);
-    if next != g.activity {
-        ctx.vmcs.set(guest::ACTIVITY_STATE, u64::from(next.raw()));
-    }
 }
 
 /// exit-sti (ack off): the vector is still in the IRR. DESIGN §2 policy.
@@ -394,7 +489,7 @@ fn on_unacknowledged(ctx: &mut IntrCtx<'_>) {
         .apic
         .and_then(crate::arch::apic::highest_irr)
         .map(Vector);
-    match policy::sti_window(highest, &g) {
+    match policy::sti_window(highest, &g, &ctx.cpu.data.policy) {
         StiWindow::Open => open_sti_window(ctx, &g),
         StiWindow::GuestTakes => {
             ctx.cpu.data.stats.guest_take();
@@ -412,7 +507,7 @@ fn open_sti_window(ctx: &mut IntrCtx<'_>, g: &GuestView) {
     // between the handler's IRETQ and our CLI. `policy::sti_window` gave class ≤ 2 IRR vectors
     // to the guest, so the highest one stays deliverable.
     let frame = policy::frame_stack(g.cpl, g.rsp);
-    let cycles = run_at_dispatch(ctx.root, RootRun::StiWindow, frame, g.cr8);
+    let cycles = run_with_guest_debug(ctx, RootRun::StiWindow, frame, g.cr8);
     ctx.cpu.data.stats.handler_cycles(cycles);
 }
 

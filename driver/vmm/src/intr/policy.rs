@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use super::Mode;
+use super::vector_policy::PolicyLookup;
 use crate::arch::idt::{IdtGate, gate_type};
 use crate::vmx::fields::{ActivityState, Interruptibility};
 
@@ -77,10 +78,12 @@ pub enum Delivery {
 ///
 /// A vector is delivered only where a real interrupt could be: IF=1, no STI/MOV-SS blocking,
 /// and a class above the guest's CR8. Then: replay in `ack-replay`, except vectors of class ≤
-/// DISPATCH (their handlers switch threads) and while the guest blocks NMIs (the handler's
-/// IRETQ would unblock them), which are injected like every vector in the other modes.
+/// DISPATCH (their handlers switch threads), while the guest blocks NMIs (the handler's IRETQ
+/// would unblock them), and where the vector's [`VectorPolicy`](super::vector_policy::VectorPolicy)
+/// says inject now (the clock below DISPATCH, issue 8); all of those are injected like every
+/// vector in the other modes. `policy` is read only for a vector that would be replayed.
 #[inline(always)]
-pub fn decide(mode: Mode, v: Vector, guest: &GuestView) -> Delivery {
+pub fn decide(mode: Mode, v: Vector, guest: &GuestView, policy: &impl PolicyLookup) -> Delivery {
     if !guest.interruptible() {
         return Delivery::Defer(Wait::Window);
     }
@@ -88,7 +91,7 @@ pub fn decide(mode: Mode, v: Vector, guest: &GuestView) -> Delivery {
         return Delivery::Defer(Wait::Priority);
     }
     let replayable = v.class() > DISPATCH_LEVEL && !guest.interruptibility.blocking_by_nmi();
-    if mode == Mode::AckReplay && replayable {
+    if mode == Mode::AckReplay && replayable && !policy.injects_now(v, guest.cr8) {
         Delivery::Replay
     } else {
         Delivery::Inject
@@ -223,9 +226,15 @@ pub const fn frame_stack(cpl: u8, guest_rsp: u64) -> FrameStack {
     }
 }
 
-/// A halted guest that got an interrupt would have woken: the activity state to enter with.
-pub const fn activity_after_delivery(_before: ActivityState) -> ActivityState {
-    ActivityState::Active
+/// The activity state to enter with after an external interrupt was delivered to a guest that
+/// was in `before`. HLT ends when an interrupt is delivered (SDM 3C "Activity State"): a halted
+/// guest that got one would have woken. Shutdown and wait-for-SIPI block external interrupts,
+/// so a delivery never changes them (and the policy never delivers there).
+pub const fn activity_after_delivery(before: ActivityState) -> ActivityState {
+    match before {
+        ActivityState::Hlt => ActivityState::Active,
+        other => other,
+    }
 }
 
 /// What exit-sti does with an exit whose vector is still in the IRR (DESIGN §2).
@@ -240,20 +249,37 @@ pub enum StiWindow {
 
 /// DESIGN §2's exit-sti policy. `highest_irr` is the highest vector requested in the LAPIC.
 /// Class ≤ DISPATCH vectors must not run in root; a guest that could not take the vector must
-/// not have it delivered behind its back; with no IRR bit visible the window is harmless.
-pub fn sti_window(highest_irr: Option<Vector>, guest: &GuestView) -> StiWindow {
+/// not have it delivered behind its back; a vector whose policy says inject now (the clock
+/// below DISPATCH) must reach the guest at its true IRQL; with no IRR bit visible the window is
+/// harmless.
+pub fn sti_window(
+    highest_irr: Option<Vector>,
+    guest: &GuestView,
+    policy: &impl PolicyLookup,
+) -> StiWindow {
     match highest_irr {
         None => StiWindow::Open,
         Some(v) if v.class() <= DISPATCH_LEVEL => StiWindow::GuestTakes,
         Some(v) if !guest.interruptible() || v.class() <= guest.cr8 => StiWindow::GuestTakes,
         Some(_) if guest.interruptibility.blocking_by_nmi() => StiWindow::GuestTakes,
+        Some(v) if policy.injects_now(v, guest.cr8) => StiWindow::GuestTakes,
         Some(_) => StiWindow::Open,
     }
+}
+
+/// Issue 8: after a replay that interrupted user mode (CPL 3), clear CPU buffers with VERW
+/// before VM entry when the CPU enumerates MD_CLEAR. NT's own return to user mode would have
+/// done it; the guest resumes at CPL 3 without passing through that code. Only that path: a
+/// CPL-0 guest resumes in the kernel, where NT does not clear them either.
+pub const fn clears_buffers_after_replay(cpl: u8, md_clear: bool) -> bool {
+    cpl == 3 && md_clear
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::intr::vector_policy::{PolicyTable, VectorPolicy};
 
     const KCS: u16 = 0x10;
 
@@ -313,6 +339,14 @@ mod tests {
         );
     }
 
+    fn decide_r(mode: Mode, v: Vector, g: &GuestView) -> Delivery {
+        decide(mode, v, g, &PolicyTable::ALL_REPLAY)
+    }
+
+    fn sti_r(v: Option<Vector>, g: &GuestView) -> StiWindow {
+        sti_window(v, g, &PolicyTable::ALL_REPLAY)
+    }
+
     fn guest() -> GuestView {
         GuestView {
             interrupts_enabled: true,
@@ -334,11 +368,11 @@ mod tests {
     #[test]
     fn decide_replays_device_vectors_in_ack_replay() {
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x41), &guest()),
+            decide_r(Mode::AckReplay, Vector(0x41), &guest()),
             Delivery::Replay
         );
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0xD1), &guest()),
+            decide_r(Mode::AckReplay, Vector(0xD1), &guest()),
             Delivery::Replay
         );
     }
@@ -351,7 +385,7 @@ mod tests {
         };
         for mode in Mode::ALL {
             assert_eq!(
-                decide(mode, Vector(0x41), &g),
+                decide_r(mode, Vector(0x41), &g),
                 Delivery::Defer(Wait::Window)
             );
         }
@@ -360,11 +394,11 @@ mod tests {
     #[test]
     fn decide_defers_under_sti_and_mov_ss_blocking() {
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x41), &blocking(1)),
+            decide_r(Mode::AckReplay, Vector(0x41), &blocking(1)),
             Delivery::Defer(Wait::Window)
         );
         assert_eq!(
-            decide(Mode::AckInject, Vector(0x41), &blocking(2)),
+            decide_r(Mode::AckInject, Vector(0x41), &blocking(2)),
             Delivery::Defer(Wait::Window)
         );
     }
@@ -373,7 +407,7 @@ mod tests {
     fn decide_injects_instead_of_replaying_under_nmi_blocking() {
         // The handler's IRETQ would unblock NMIs; injection is what hardware would do.
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x41), &blocking(8)),
+            decide_r(Mode::AckReplay, Vector(0x41), &blocking(8)),
             Delivery::Inject
         );
     }
@@ -382,16 +416,19 @@ mod tests {
     fn decide_defers_when_cr8_at_or_above_class() {
         let g = GuestView { cr8: 4, ..guest() };
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x41), &g),
+            decide_r(Mode::AckReplay, Vector(0x41), &g),
             Delivery::Defer(Wait::Priority)
         );
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x4F), &g),
+            decide_r(Mode::AckReplay, Vector(0x4F), &g),
             Delivery::Defer(Wait::Priority)
         );
-        assert_eq!(decide(Mode::AckReplay, Vector(0x51), &g), Delivery::Replay);
         assert_eq!(
-            decide(Mode::AckInject, Vector(0x31), &g),
+            decide_r(Mode::AckReplay, Vector(0x51), &g),
+            Delivery::Replay
+        );
+        assert_eq!(
+            decide_r(Mode::AckInject, Vector(0x31), &g),
             Delivery::Defer(Wait::Priority)
         );
     }
@@ -404,7 +441,7 @@ mod tests {
             ..guest()
         };
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x41), &g),
+            decide_r(Mode::AckReplay, Vector(0x41), &g),
             Delivery::Defer(Wait::Window)
         );
     }
@@ -412,15 +449,15 @@ mod tests {
     #[test]
     fn decide_injects_dispatch_class_vectors_never_replays_them() {
         assert_eq!(
-            decide(Mode::AckReplay, Vector(NT_DPC_VECTOR), &guest()),
+            decide_r(Mode::AckReplay, Vector(NT_DPC_VECTOR), &guest()),
             Delivery::Inject
         );
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x1F), &guest()),
+            decide_r(Mode::AckReplay, Vector(0x1F), &guest()),
             Delivery::Inject
         );
         assert_eq!(
-            decide(Mode::AckReplay, Vector(0x30), &guest()),
+            decide_r(Mode::AckReplay, Vector(0x30), &guest()),
             Delivery::Replay
         );
     }
@@ -428,7 +465,7 @@ mod tests {
     #[test]
     fn decide_injects_everything_in_other_modes() {
         for mode in [Mode::AckInject, Mode::ExitSti, Mode::Passthrough] {
-            assert_eq!(decide(mode, Vector(0x41), &guest()), Delivery::Inject);
+            assert_eq!(decide_r(mode, Vector(0x41), &guest()), Delivery::Inject);
         }
     }
 
@@ -438,8 +475,26 @@ mod tests {
             activity: ActivityState::Hlt,
             ..guest()
         };
-        assert_eq!(decide(Mode::AckReplay, Vector(0x41), &g), Delivery::Replay);
+        assert_eq!(
+            decide_r(Mode::AckReplay, Vector(0x41), &g),
+            Delivery::Replay
+        );
         assert_eq!(activity_after_delivery(g.activity), ActivityState::Active);
+    }
+
+    #[test]
+    fn activity_after_delivery_wakes_only_a_halted_guest() {
+        assert_eq!(
+            activity_after_delivery(ActivityState::Hlt),
+            ActivityState::Active
+        );
+        assert_eq!(
+            activity_after_delivery(ActivityState::Active),
+            ActivityState::Active
+        );
+        for blocked in [ActivityState::Shutdown, ActivityState::WaitForSipi] {
+            assert_eq!(activity_after_delivery(blocked), blocked);
+        }
     }
 
     #[test]
@@ -448,15 +503,15 @@ mod tests {
         // CR8 to drop below 4, so CR8-load exiting (not the window) brings it back.
         let g = GuestView { cr8: 5, ..guest() };
         let mut p = crate::intr::pending::PendingSet::new();
-        p.insert(Vector(0x41));
-        p.insert(Vector(0xD1));
+        p.insert(Vector(0x41)).unwrap();
+        p.insert(Vector(0xD1)).unwrap();
         let first = p.pop().expect("two pending");
         assert_eq!(
-            (first, decide(Mode::AckReplay, first, &g)),
+            (first, decide_r(Mode::AckReplay, first, &g)),
             (Vector(0xD1), Delivery::Replay)
         );
         let second = p.highest().expect("one left");
-        let wait = match decide(Mode::AckReplay, second, &g) {
+        let wait = match decide_r(Mode::AckReplay, second, &g) {
             Delivery::Defer(w) => w,
             other => panic!("0x41 under CR8 5 must wait, got {other:?}"),
         };
@@ -469,7 +524,10 @@ mod tests {
         );
         // Once CR8 drops to 3 the CR8-load exit finds it deliverable.
         let lowered = GuestView { cr8: 3, ..guest() };
-        assert_eq!(decide(Mode::AckReplay, second, &lowered), Delivery::Replay);
+        assert_eq!(
+            decide_r(Mode::AckReplay, second, &lowered),
+            Delivery::Replay
+        );
     }
 
     #[test]
@@ -576,26 +634,87 @@ mod tests {
 
     #[test]
     fn exit_sti_gives_dispatch_class_and_blocked_vectors_to_the_guest() {
-        assert_eq!(sti_window(Some(Vector(0x41)), &guest()), StiWindow::Open);
-        assert_eq!(
-            sti_window(Some(Vector(0x2F)), &guest()),
-            StiWindow::GuestTakes
-        );
+        assert_eq!(sti_r(Some(Vector(0x41)), &guest()), StiWindow::Open);
+        assert_eq!(sti_r(Some(Vector(0x2F)), &guest()), StiWindow::GuestTakes);
         let cli = GuestView {
             interrupts_enabled: false,
             ..guest()
         };
-        assert_eq!(sti_window(Some(Vector(0x41)), &cli), StiWindow::GuestTakes);
+        assert_eq!(sti_r(Some(Vector(0x41)), &cli), StiWindow::GuestTakes);
         let raised = GuestView { cr8: 5, ..guest() };
+        assert_eq!(sti_r(Some(Vector(0x51)), &raised), StiWindow::GuestTakes);
+        assert_eq!(sti_r(Some(Vector(0x61)), &raised), StiWindow::Open);
         assert_eq!(
-            sti_window(Some(Vector(0x51)), &raised),
+            sti_r(Some(Vector(0x61)), &blocking(1)),
             StiWindow::GuestTakes
         );
-        assert_eq!(sti_window(Some(Vector(0x61)), &raised), StiWindow::Open);
+        assert_eq!(sti_r(None, &guest()), StiWindow::Open);
+    }
+
+    #[test]
+    fn decide_follows_the_vector_policy_only_where_it_would_replay() {
+        let table = PolicyTable::ALL_REPLAY
+            .with(&[0xD1], VectorPolicy::Auto)
+            .with(&[0x61], VectorPolicy::Inject);
+        let at = |cr8| GuestView { cr8, ..guest() };
+        // auto: injected below DISPATCH (NT takes the tick at its true IRQL), replayed at or
+        // above it (NT would see >= DISPATCH either way).
+        for (cr8, want) in [
+            (0, Delivery::Inject),
+            (1, Delivery::Inject),
+            (2, Delivery::Replay),
+            (5, Delivery::Replay),
+        ] {
+            assert_eq!(
+                decide(Mode::AckReplay, Vector(0xD1), &at(cr8), &table),
+                want
+            );
+        }
         assert_eq!(
-            sti_window(Some(Vector(0x61)), &blocking(1)),
+            decide(Mode::AckReplay, Vector(0xD1), &at(0xD), &table),
+            Delivery::Defer(Wait::Priority)
+        );
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x61), &at(3), &table),
+            Delivery::Inject
+        );
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0x41), &at(0), &table),
+            Delivery::Replay
+        );
+        // The policy never lets a vector through that must wait.
+        let cli = GuestView {
+            interrupts_enabled: false,
+            ..guest()
+        };
+        assert_eq!(
+            decide(Mode::AckReplay, Vector(0xD1), &cli, &table),
+            Delivery::Defer(Wait::Window)
+        );
+    }
+
+    #[test]
+    fn exit_sti_hands_an_auto_vector_to_the_guest_below_dispatch() {
+        let table = PolicyTable::ALL_REPLAY.with(&[0xD1], VectorPolicy::Auto);
+        assert_eq!(
+            sti_window(Some(Vector(0xD1)), &guest(), &table),
             StiWindow::GuestTakes
         );
-        assert_eq!(sti_window(None, &guest()), StiWindow::Open);
+        let raised = GuestView { cr8: 3, ..guest() };
+        assert_eq!(
+            sti_window(Some(Vector(0xD1)), &raised, &table),
+            StiWindow::Open
+        );
+        assert_eq!(
+            sti_window(Some(Vector(0x61)), &guest(), &table),
+            StiWindow::Open
+        );
+    }
+
+    #[test]
+    fn verw_only_after_a_cpl3_replay_with_md_clear() {
+        assert!(clears_buffers_after_replay(3, true));
+        assert!(!clears_buffers_after_replay(3, false));
+        assert!(!clears_buffers_after_replay(0, true));
     }
 }

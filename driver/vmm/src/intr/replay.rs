@@ -5,7 +5,9 @@
 //! itself, at IRQL ≥ DISPATCH.
 
 use super::policy::{self, FrameStack, Vector};
+use crate::arch::debug::DR7_AFTER_EXIT;
 use crate::arch::idt::IdtGate;
+use crate::arch::{msr, regs};
 
 /// Calls an interrupt handler the way the CPU would have: switch to `frame_rsp` (0 = stay on
 /// the VMM stack, aligned down to 16), push SS, the VMM's RSP, RFLAGS (IF=0), CS and CALL the
@@ -21,11 +23,22 @@ use crate::arch::idt::IdtGate;
 /// ```
 /// The handler preserves every register (interrupt handlers must); RBP anchors our frame
 /// because no unwinder knows that the callee returns with IRETQ (KVM's vmenter.S does the same).
+/// On the msvc target that anchor is declared as the frame register in unwind data, so WinDbg's
+/// `k` walks from the handler's machine frame (RIP = the return site, RSP = RBP) back into the
+/// exit path.
 #[unsafe(naked)]
 unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u64, cs: u64) {
     core::arch::naked_asm!(
+        #[cfg(windows)]
+        ".seh_proc {this}",               // unwind data for WinDbg (see above)
         "push rbp",                       // anchor: IRETQ brings RSP back to this value
+        #[cfg(windows)]
+        ".seh_pushreg rbp",               //
         "mov rbp, rsp",                   //
+        #[cfg(windows)]
+        ".seh_setframe rbp, 0",           //
+        #[cfg(windows)]
+        ".seh_endprologue",               //
         "test rsi, rsi",                  // DESIGN §3.4: guest CPL 0 -> its stack,
         "jnz 1f",                         //
         "mov rsi, rsp",                   //   CPL 3 -> ours,
@@ -41,6 +54,10 @@ unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u6
         "ackvisor_replay_return:",        // IRETQ resumes here with RSP = rbp
         "pop rbp",                        //
         "ret",                            //
+        #[cfg(windows)]
+        ".seh_endproc",                   //
+        #[cfg(windows)]
+        this = sym replay_trampoline,
     )
 }
 
@@ -52,11 +69,21 @@ unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u6
 /// interrupt's frame would go (DESIGN §3.4, as for replay): on the guest's stack at CPL 0, or
 /// NT's "already on the ISR stack?" check fails and its entry overwrites the live frames of a
 /// guest handler that was interrupted.
+/// Unwind data on the msvc target as for [`replay_trampoline`]: the CPU's frame holds RIP =
+/// the return site, and RBP leads back to the VMM stack.
 #[unsafe(naked)]
 unsafe extern "sysv64" fn sti_window_on(window_rsp: u64) {
     core::arch::naked_asm!(
+        #[cfg(windows)]
+        ".seh_proc {this}", // unwind data for WinDbg
         "push rbp",      // anchor for the way back
+        #[cfg(windows)]
+        ".seh_pushreg rbp", //
         "mov rbp, rsp",  //
+        #[cfg(windows)]
+        ".seh_setframe rbp, 0", //
+        #[cfg(windows)]
+        ".seh_endprologue", //
         "test rdi, rdi", // 0: the VMM stack (guest at CPL 3)
         "jz 1f",         //
         "mov rsp, rdi",  // the guest's stack, already aligned down to 16
@@ -69,6 +96,10 @@ unsafe extern "sysv64" fn sti_window_on(window_rsp: u64) {
         "mov rsp, rbp",                // back to the VMM stack
         "pop rbp",                     //
         "ret",                         //
+        #[cfg(windows)]
+        ".seh_endproc",                //
+        #[cfg(windows)]
+        this = sym sti_window_on,
     )
 }
 
@@ -122,4 +153,45 @@ pub fn call_handler(handler: u64, kernel_cs: u16, kernel_ss: u16, frame: FrameSt
     // expecting exactly the frame built; the frame goes below the guest's own RSP at CPL 0 (the
     // x64 kernel has no red zone; a real interrupt writes there too) or on our stack.
     unsafe { replay_trampoline(handler, rsp, u64::from(kernel_ss), u64::from(kernel_cs)) };
+}
+
+/// Loads what `plan` says before a root call (`intr::debug`). The common plan loads nothing.
+#[inline(always)]
+pub fn load_guest_debug(plan: &super::debug::Plan) {
+    if plan.loads_dr7() {
+        // SAFETY: the guest's own DR7 (GD clear: MOV-DR exits emulate GD and never leave it set
+        // in the shadow), so its breakpoints fire in the guest's handlers this call runs, as
+        // they would have without ackvisor; the DR0-3 addresses are the guest's already.
+        unsafe { regs::write_dr7(plan.dr7) };
+    }
+    if let Some(debugctl) = plan.debugctl
+        && debugctl != 0
+    {
+        // SAFETY: the MSR exists (`plan` only names it when the platform has it) and the value
+        // is the guest's, accepted by VM entry (`intr::debug::debugctl_write`).
+        unsafe { regs::wrmsr(msr::IA32_DEBUGCTL, debugctl) };
+    }
+}
+
+/// After a root call whose DR7 reads `dr7`: puts the exit's DR7 (and DEBUGCTL, when `plan`
+/// touches it) back, so root code outside the call runs without the guest's breakpoints, and
+/// returns what the call left in DEBUGCTL.
+#[inline(always)]
+pub fn take_guest_debug(plan: &super::debug::Plan, dr7: u64) -> Option<u64> {
+    if dr7 != DR7_AFTER_EXIT {
+        // SAFETY: the value every VM exit loads; disables every breakpoint.
+        unsafe { regs::write_dr7(DR7_AFTER_EXIT) };
+    }
+    match plan.debugctl {
+        Some(_) => {
+            // SAFETY: the MSR exists (`plan` names it only then).
+            let now = unsafe { regs::rdmsr(msr::IA32_DEBUGCTL) };
+            if now != 0 {
+                // SAFETY: 0 is what every VM exit loads.
+                unsafe { regs::wrmsr(msr::IA32_DEBUGCTL, 0) };
+            }
+            Some(now)
+        }
+        None => None,
+    }
 }

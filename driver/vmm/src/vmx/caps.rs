@@ -80,6 +80,60 @@ pub struct Controls {
     pub entry: u32,
 }
 
+/// What CPUID tells the OS that only works in a guest when a secondary control enables it
+/// (DESIGN §5). Without the control the instruction #UDs in the guest and Windows bugchecks, so
+/// an advertised feature whose control is not allowed is a refusal, never a silent drop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Advertised {
+    /// CPUID.80000001H:EDX.RDTSCP.
+    pub rdtscp: bool,
+    /// CPUID.7.0:ECX.RDPID (enabled by the same control as RDTSCP).
+    pub rdpid: bool,
+    /// CPUID.7.0:EBX.INVPCID.
+    pub invpcid: bool,
+    /// CPUID.(0DH,1):EAX.XSAVES.
+    pub xsaves: bool,
+    /// CPUID.7.0:ECX.WAITPKG (TPAUSE, UMONITOR, UMWAIT).
+    pub waitpkg: bool,
+}
+
+/// CPUID leaves and bits behind [`Advertised`] (SDM 2A, "CPUID—CPU Identification").
+pub mod cpuid {
+    /// Highest basic leaf (EAX).
+    pub const LEAF_MAX_BASIC: u32 = 0;
+    /// Highest extended leaf (EAX).
+    pub const LEAF_MAX_EXTENDED: u32 = 0x8000_0000;
+    /// Structured extended features.
+    pub const LEAF_EXTENDED_FEATURES: u32 = 7;
+    /// Processor extended state enumeration (subleaf 1).
+    pub const LEAF_XSAVE: u32 = 0xD;
+    /// Extended processor signature and feature bits.
+    pub const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+    /// Leaf 7.0 EBX: INVPCID.
+    pub const L7_EBX_INVPCID: u32 = 1 << 10;
+    /// Leaf 7.0 ECX: WAITPKG.
+    pub const L7_ECX_WAITPKG: u32 = 1 << 5;
+    /// Leaf 7.0 ECX: RDPID.
+    pub const L7_ECX_RDPID: u32 = 1 << 22;
+    /// Leaf 0xD.1 EAX: XSAVES/XRSTORS.
+    pub const LD1_EAX_XSAVES: u32 = 1 << 3;
+    /// Leaf 0x8000_0001 EDX: RDTSCP.
+    pub const LX1_EDX_RDTSCP: u32 = 1 << 27;
+}
+
+impl Advertised {
+    /// From the CPUID registers that hold the bits (0 for a leaf beyond the maximum).
+    pub const fn decode(l7_ebx: u32, l7_ecx: u32, ld1_eax: u32, lx1_edx: u32) -> Self {
+        Self {
+            rdtscp: lx1_edx & cpuid::LX1_EDX_RDTSCP != 0,
+            rdpid: l7_ecx & cpuid::L7_ECX_RDPID != 0,
+            invpcid: l7_ebx & cpuid::L7_EBX_INVPCID != 0,
+            xsaves: ld1_eax & cpuid::LD1_EAX_XSAVES != 0,
+            waitpkg: l7_ecx & cpuid::L7_ECX_WAITPKG != 0,
+        }
+    }
+}
+
 struct Pairs {
     pin: (AllowedBits, &'static str),
     proc: (AllowedBits, &'static str),
@@ -120,8 +174,36 @@ fn require(
     }
 }
 
-/// The controls ackvisor needs, or the first one the CPU refuses.
-pub fn controls(raw: &RawCaps) -> Result<Controls, Missing> {
+/// The secondary controls an OS needs when CPUID advertises their instructions, named for the
+/// refusal.
+fn needed_secondary(adv: &Advertised) -> [(bool, u32, &'static str); 4] {
+    [
+        (
+            adv.rdtscp || adv.rdpid,
+            SecondaryControls::ENABLE_RDTSCP.bits(),
+            "enable RDTSCP (CPUID advertises RDTSCP/RDPID)",
+        ),
+        (
+            adv.invpcid,
+            SecondaryControls::ENABLE_INVPCID.bits(),
+            "enable INVPCID (CPUID advertises INVPCID)",
+        ),
+        (
+            adv.xsaves,
+            SecondaryControls::ENABLE_XSAVES_XRSTORS.bits(),
+            "enable XSAVES/XRSTORS (CPUID advertises XSAVES)",
+        ),
+        (
+            adv.waitpkg,
+            SecondaryControls::ENABLE_USER_WAIT_PAUSE.bits(),
+            "enable user wait and pause (CPUID advertises WAITPKG)",
+        ),
+    ]
+}
+
+/// The controls ackvisor needs, or the first one the CPU refuses. `adv` is what CPUID tells
+/// the OS: each advertised instruction's secondary control must be allowed.
+pub fn controls(raw: &RawCaps, adv: &Advertised) -> Result<Controls, Missing> {
     let p = pairs(raw);
     require(
         p.pin,
@@ -158,13 +240,38 @@ pub fn controls(raw: &RawCaps) -> Result<Controls, Missing> {
         PrimaryControls::USE_MSR_BITMAPS.bits(),
         "MSR bitmaps",
     )?;
+    // intr::debug: every guest MOV DR exits, so root knows the guest's DR7 without a VMREAD.
+    require(
+        p.proc,
+        PrimaryControls::MOV_DR_EXITING.bits(),
+        "MOV-DR exiting",
+    )?;
 
-    let mut proc = PrimaryControls::USE_MSR_BITMAPS.bits();
+    let secondary = p.proc.0.allows(PrimaryControls::SECONDARY_CONTROLS.bits());
+    for (needed, bits, control) in needed_secondary(adv) {
+        if !needed {
+            continue;
+        }
+        if !secondary {
+            return Err(Missing {
+                control,
+                msr: p.proc.1,
+            });
+        }
+        require(
+            (AllowedBits(raw.proc2), "IA32_VMX_PROCBASED_CTLS2"),
+            bits,
+            control,
+        )?;
+    }
+
+    let mut proc = (PrimaryControls::USE_MSR_BITMAPS | PrimaryControls::MOV_DR_EXITING).bits();
     let mut proc2 = 0;
-    if p.proc.0.allows(PrimaryControls::SECONDARY_CONTROLS.bits()) {
+    if secondary {
         let allowed2 = AllowedBits(raw.proc2);
         // DESIGN §5: without these, RDTSCP/RDPID, INVPCID, XSAVES and TPAUSE/UMWAIT #UD in the
-        // guest and Windows crashes; enable each that the CPU offers.
+        // guest and Windows crashes; enable each that the CPU offers (each one CPUID
+        // advertises was required above).
         let wanted = SecondaryControls::ENABLE_RDTSCP
             | SecondaryControls::ENABLE_INVPCID
             | SecondaryControls::ENABLE_XSAVES_XRSTORS
@@ -238,21 +345,26 @@ pub const fn mode_supported(mode: crate::intr::Mode, f: &Features) -> Result<(),
     }
 }
 
-/// CR0 with the VMX fixed bits applied (FIXED0 bits set, bits clear in FIXED1 cleared).
-pub const fn fixed_cr0(raw: &RawCaps, cr0: u64) -> u64 {
-    (cr0 | raw.cr0_fixed0) & raw.cr0_fixed1
-}
-
-/// CR4 with the VMX fixed bits applied; this sets CR4.VMXE.
-pub const fn fixed_cr4(raw: &RawCaps, cr4: u64) -> u64 {
-    (cr4 | raw.cr4_fixed0) & raw.cr4_fixed1
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    /// Bochs corei7_haswell_4770's values (shared/reference/bochs-prototype/REPORT.md).
+    const NONE: Advertised = Advertised {
+        rdtscp: false,
+        rdpid: false,
+        invpcid: false,
+        xsaves: false,
+        waitpkg: false,
+    };
+    const ALL: Advertised = Advertised {
+        rdtscp: true,
+        rdpid: true,
+        invpcid: true,
+        xsaves: true,
+        waitpkg: true,
+    };
+
+    /// Bochs corei7_haswell_4770's values (read from Bochs 2.7 running that model).
     pub(crate) fn haswell() -> RawCaps {
         RawCaps {
             basic: 0x00d8_1000_0000_002b,
@@ -274,7 +386,7 @@ pub(crate) mod tests {
 
     #[test]
     fn haswell_controls_use_true_msrs_and_secondary_features() {
-        let c = controls(&haswell()).expect("haswell offers everything");
+        let c = controls(&haswell(), &NONE).expect("haswell offers everything");
         // TRUE_PROCBASED clears CR3-load/store exiting from the default-1 set.
         assert_eq!(c.proc & PrimaryControls::CR3_LOAD_EXITING.bits(), 0);
         assert_ne!(c.proc & PrimaryControls::USE_MSR_BITMAPS.bits(), 0);
@@ -293,7 +405,7 @@ pub(crate) mod tests {
     fn without_true_controls_default_one_bits_stay_set() {
         let mut raw = haswell();
         raw.basic &= !(1 << 55);
-        let c = controls(&raw).expect("still supported");
+        let c = controls(&raw, &NONE).expect("still supported");
         assert_ne!(c.proc & PrimaryControls::CR3_LOAD_EXITING.bits(), 0);
     }
 
@@ -301,7 +413,7 @@ pub(crate) mod tests {
     fn missing_ack_on_exit_names_the_msr() {
         let mut raw = haswell();
         raw.true_exit &= !(u64::from(ExitControls::ACK_INTERRUPT_ON_EXIT.bits()) << 32);
-        let err = controls(&raw).expect_err("ack removed");
+        let err = controls(&raw, &NONE).expect_err("ack removed");
         extern crate std;
         use std::string::ToString;
         assert_eq!(
@@ -314,7 +426,7 @@ pub(crate) mod tests {
     fn missing_external_interrupt_exiting_is_reported_first() {
         let mut raw = haswell();
         raw.true_pin = 0x16;
-        let err = controls(&raw).expect_err("pin removed");
+        let err = controls(&raw, &NONE).expect_err("pin removed");
         assert_eq!(err.control, "external-interrupt exiting");
         assert_eq!(err.msr, "IA32_VMX_TRUE_PINBASED_CTLS");
     }
@@ -323,17 +435,80 @@ pub(crate) mod tests {
     fn no_secondary_controls_means_no_secondary_bit() {
         let mut raw = haswell();
         raw.true_proc &= !(1u64 << 63);
-        let c = controls(&raw).expect("supported");
+        let c = controls(&raw, &NONE).expect("supported");
         assert_eq!(c.proc & PrimaryControls::SECONDARY_CONTROLS.bits(), 0);
         assert_eq!(c.proc2, 0);
         assert!(!features(&raw, false).rdtscp);
     }
 
     #[test]
-    fn fixed_bits_set_vmxe_and_keep_pe_pg_ne() {
+    fn advertised_features_decode_from_their_cpuid_bits() {
+        let a = Advertised::decode(1 << 10, (1 << 22) | (1 << 5), 1 << 3, 1 << 27);
+        assert_eq!(a, ALL);
+        assert_eq!(Advertised::decode(0, 0, 0, 0), NONE);
+    }
+
+    #[test]
+    fn advertised_instruction_without_its_control_is_refused_by_name() {
+        // Haswell's PROCBASED_CTLS2 allows RDTSCP and INVPCID but not XSAVES or user wait.
         let raw = haswell();
-        assert_ne!(fixed_cr4(&raw, 0x620) & (1 << 13), 0);
-        assert_eq!(fixed_cr0(&raw, 0x8000_0011) & 0x8000_0021, 0x8000_0021);
+        let xsaves = Advertised {
+            xsaves: true,
+            ..NONE
+        };
+        let err = controls(&raw, &xsaves).expect_err("XSAVES not allowed");
+        assert_eq!(
+            err.control,
+            "enable XSAVES/XRSTORS (CPUID advertises XSAVES)"
+        );
+        assert_eq!(err.msr, "IA32_VMX_PROCBASED_CTLS2");
+        let wait = Advertised {
+            waitpkg: true,
+            ..NONE
+        };
+        let err = controls(&raw, &wait).expect_err("user wait not allowed");
+        assert_eq!(
+            err.control,
+            "enable user wait and pause (CPUID advertises WAITPKG)"
+        );
+        let ok = Advertised {
+            rdtscp: true,
+            rdpid: true,
+            invpcid: true,
+            ..NONE
+        };
+        assert!(controls(&raw, &ok).is_ok());
+    }
+
+    #[test]
+    fn advertised_instruction_without_secondary_controls_is_refused() {
+        let mut raw = haswell();
+        raw.true_proc &= !(1u64 << 63);
+        let rdpid = Advertised {
+            rdpid: true,
+            ..NONE
+        };
+        let err = controls(&raw, &rdpid).expect_err("no secondary controls");
+        assert_eq!(err.control, "enable RDTSCP (CPUID advertises RDTSCP/RDPID)");
+        assert_eq!(err.msr, "IA32_VMX_TRUE_PROCBASED_CTLS");
+        let invpcid = Advertised {
+            invpcid: true,
+            ..NONE
+        };
+        let err = controls(&raw, &invpcid).expect_err("no secondary controls");
+        assert_eq!(err.control, "enable INVPCID (CPUID advertises INVPCID)");
+    }
+
+    #[test]
+    fn mov_dr_exiting_is_required_and_set() {
+        let c = controls(&haswell(), &NONE).expect("haswell offers it");
+        assert_ne!(c.proc & PrimaryControls::MOV_DR_EXITING.bits(), 0);
+        let mut raw = haswell();
+        raw.true_proc &= !(u64::from(PrimaryControls::MOV_DR_EXITING.bits()) << 32);
+        assert_eq!(
+            controls(&raw, &NONE).expect_err("removed").control,
+            "MOV-DR exiting"
+        );
     }
 
     #[test]

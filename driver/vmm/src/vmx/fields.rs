@@ -87,6 +87,8 @@ pub mod reason {
     pub const VMXON: u16 = 27;
     /// Control-register access.
     pub const CR_ACCESS: u16 = 28;
+    /// MOV DR (with MOV-DR exiting).
+    pub const DR_ACCESS: u16 = 29;
     /// RDMSR.
     pub const RDMSR: u16 = 31;
     /// WRMSR.
@@ -289,9 +291,37 @@ pub mod cr_access {
     pub const MOV_FROM: u8 = 1;
 }
 
+bitfield! {
+    /// Exit qualification for MOV DR (SDM 3C, "Exit Qualification for MOV DR").
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub struct DrAccessQual(u64); impl Debug;
+    /// Debug register number.
+    pub u8, dr, _: 2, 0;
+    /// 0 = MOV to DR, 1 = MOV from DR.
+    pub from_dr, _: 4;
+    /// General-purpose register operand (SDM register numbering).
+    pub u8, gpr, _: 11, 8;
+}
+
+impl DrAccessQual {
+    /// From the raw qualification.
+    pub const fn from_raw(v: u64) -> Self {
+        Self(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dr_access_qualification() {
+        // MOV RSP -> DR7 is 7 | to | gpr 4; MOV DR0 -> RAX is 0 | from (bit 4) | gpr 0.
+        let q = DrAccessQual::from_raw(0x407);
+        assert_eq!((q.dr(), q.from_dr(), q.gpr()), (7, false, 4));
+        let q = DrAccessQual::from_raw(0x10);
+        assert_eq!((q.dr(), q.from_dr(), q.gpr()), (0, true, 0));
+    }
 
     #[test]
     fn exit_intr_info_decodes_vector_type_and_valid() {

@@ -3,8 +3,10 @@
 //!
 //! **Runs in:** PASSIVE (VMXON, VMCLEAR, VMPTRLD, launch) and VMX root (VMREAD/VMWRITE).
 
+pub mod access;
 pub mod caps;
 pub mod fields;
+pub mod fixed;
 pub mod vmcs;
 
 use crate::arch::{msr, regs};

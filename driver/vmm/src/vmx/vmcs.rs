@@ -24,6 +24,8 @@ pub struct HostInputs {
     pub msr_bitmap: u64,
     /// Guest IA32_DEBUGCTL.
     pub debugctl: u64,
+    /// Guest DR7 (the same value root keeps in `RootState::guest_dr7`).
+    pub dr7: u64,
     /// CR4 before VMXE was set (the guest's view).
     pub cr4_shadow: u64,
 }
@@ -110,7 +112,7 @@ pub fn setup(vmcs: &Vmcs, c: &Controls, h: &HostInputs) -> Result<(), VmxError> 
     vmcs.write(guest::CR0, regs::cr0())?;
     vmcs.write(guest::CR3, regs::cr3())?;
     vmcs.write(guest::CR4, regs::cr4())?;
-    vmcs.write(guest::DR7, regs::dr7())?;
+    vmcs.write(guest::DR7, h.dr7)?;
     let segs = [
         (
             guest::ES_SELECTOR,

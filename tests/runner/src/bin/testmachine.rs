@@ -217,7 +217,7 @@ fn usage(problem: &str) -> ! {
     }
     eprintln!(
         "usage: testmachine [--model M] [--cpus N] [--no-stats] [--param key=value]...\n\
-         \x20      [--scenario demo|modes|boot|vmcall|cycles|rejected|bench]   run one scenario (default demo)\n\
+         \x20      [--scenario demo|modes|boot|vmcall|cycles|rejected|bench|misdirected-eoi]   run one scenario (default demo)\n\
          \x20      --serve [--for SECS]   keep the machine running for ackctl --machine (2 CPUs by default)\n\
          \x20      --demo                 flip every mode with the real ackctl and print its tables"
     );
