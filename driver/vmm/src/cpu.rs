@@ -65,6 +65,8 @@ pub struct RootState {
     pub idt_limit: u16,
     /// Kernel code selector: replay frames push it, gates must use it.
     pub kernel_cs: u16,
+    /// The gate bits replayable gates have with `kernel_cs` (`policy::GateExpectation`).
+    pub gate_expect: crate::intr::policy::GateExpectation,
     /// Kernel stack selector pushed in replay frames.
     pub kernel_ss: u16,
     /// Features found at virtualization.

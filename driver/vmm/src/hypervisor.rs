@@ -406,6 +406,7 @@ fn init_root(this: &PerCpu, platform: &'static dyn Platform, init: RootInit) {
         idt_base: u64::MAX,
         idt_limit: 0,
         kernel_cs: regs::cs(),
+        gate_expect: crate::intr::policy::GateExpectation::new(regs::cs()),
         kernel_ss: regs::ss(),
         features: init.features,
         fatal: None,

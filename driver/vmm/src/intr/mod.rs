@@ -292,7 +292,7 @@ fn replay_or_inject(ctx: &mut IntrCtx<'_>, v: Vector, g: &GuestView) -> bool {
 fn gate_handler(ctx: &mut IntrCtx<'_>, v: Vector) -> Result<u64, policy::GateRejection> {
     let (base, limit) = guest_idt(ctx.vmcs, ctx.root);
     let gate = replay::read_gate(base, limit, v);
-    policy::validate_gate(v, gate, limit, ctx.root.kernel_cs)
+    policy::validate_gate_expecting(v, gate, limit, &ctx.root.gate_expect)
 }
 
 /// Calls `handler` for `v` at IRQL ≥ DISPATCH, counts the replay, wakes a halted guest.

@@ -139,6 +139,23 @@ pub enum GateRejection {
     UsesIst,
 }
 
+/// The gate bits root may call for one kernel code selector, computed once per CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateExpectation {
+    kernel_cs: u16,
+    bits: u64,
+}
+
+impl GateExpectation {
+    /// For gates that must use `kernel_cs`.
+    pub fn new(kernel_cs: u16) -> Self {
+        Self {
+            kernel_cs,
+            bits: replayable_gate_bits(kernel_cs),
+        }
+    }
+}
+
 /// Whether vector `v`'s IDT entry can be called from root: returns the handler address.
 /// `idt_limit` is the IDTR limit; `kernel_cs` the selector the handler must use.
 #[inline(always)]
@@ -148,12 +165,24 @@ pub fn validate_gate(
     idt_limit: u16,
     kernel_cs: u16,
 ) -> Result<u64, GateRejection> {
+    validate_gate_expecting(v, gate, idt_limit, &GateExpectation::new(kernel_cs))
+}
+
+/// [`validate_gate`] with the expected bits computed beforehand (the exit path's form).
+#[inline(always)]
+pub fn validate_gate_expecting(
+    v: Vector,
+    gate: Option<IdtGate>,
+    idt_limit: u16,
+    expect: &GateExpectation,
+) -> Result<u64, GateRejection> {
+    let kernel_cs = expect.kernel_cs;
     // The exit path's case first, in one mask-and-compare over the low quadword (issue 11):
     // selector, IST, type, DPL and present exactly as the checks below demand them.
     if let Some(g) = gate
         && v.0 >= FIRST_EXTERNAL_VECTOR
         && gate_end(v) <= u32::from(idt_limit)
-        && g.low.raw() & gate_checked_bits() == replayable_gate_bits(kernel_cs)
+        && g.low.raw() & gate_checked_bits() == expect.bits
     {
         return Ok(g.offset());
     }
