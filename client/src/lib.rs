@@ -4,7 +4,7 @@
 //! - [`transport`]: how requests travel: the Windows device (`DeviceIoControl`) or the test
 //!   machine's serial link as a TCP socket, framed by `control::frame`.
 //! - [`session`]: typed requests over a transport (size queries, version checks).
-//! - [`render`]: tables for people, JSON for scripts.
+//! - [`render`]: tables for people, JSON for scripts; [`histogram`]: the root-cycle bars.
 //! - [`error`]: [`ClientError`] and its exit codes.
 //!
 //! The wire format is imported from `ackvisor_vmm::control::wire`, never re-declared here.
@@ -13,6 +13,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod histogram;
 pub mod render;
 pub mod session;
 pub mod transport;

@@ -332,7 +332,7 @@ fn entry_json(s: &CpuStats, vector: Option<u8>) -> Value {
 }
 
 /// `ackctl stats`: the aggregate, then per CPU if asked; `rates` = the previous aggregate and
-/// the seconds since it (under `--watch`).
+/// the seconds since it (under `--watch`), which the histogram's bars then show.
 pub fn stats(
     sample: &StatsSample,
     rates: Option<(&CpuStats, f64)>,
@@ -361,6 +361,12 @@ pub fn stats(
                 "extint": rate(px, x, secs),
                 "replays": rate(pr, r, secs),
                 "injections": rate(pi, i, secs),
+                "histogram": a
+                    .histogram
+                    .iter()
+                    .zip(prev.histogram.iter())
+                    .map(|(n, p)| rate(*p, *n, secs))
+                    .collect::<Vec<f64>>(),
             });
         }
         return emit_json(out, &doc);
@@ -417,6 +423,13 @@ pub fn stats(
         a.cycles_count,
         average(a.handler_cycles_sum, a.cycles_count),
     );
+    for line in crate::histogram::lines(
+        &a.histogram,
+        rates.map(|(prev, secs)| (&prev.histogram, secs)),
+    ) {
+        t += &line;
+        t.push('\n');
+    }
 
     let rows: Vec<u8> = (0..=u8::MAX)
         .filter(|v| match view.vector {
@@ -592,6 +605,32 @@ mod tests {
         assert_eq!(v["aggregate"]["anomalies"]["rejected-gate"], 2);
         assert_eq!(v["cpus"][1]["mode"], Value::Null);
         assert_eq!(v["rates_per_second"]["exits"], 50.0);
+        assert_eq!(
+            v["rates_per_second"]["histogram"].as_array().unwrap().len(),
+            ackvisor_vmm::stats::HISTOGRAM_BUCKETS
+        );
+    }
+
+    /// `--watch` text: the histogram follows the counters, bars for the rate since the last
+    /// sample (the bucket that gained exits has the full bar).
+    #[test]
+    fn stats_watch_table_draws_the_cycle_histogram_with_rates() {
+        let mut s = sample();
+        s.aggregate.histogram[9] = 300;
+        let mut prev = s.aggregate;
+        prev.histogram[9] = 100;
+        let t = text(|o| stats(&s, Some((&prev, 2.0)), &StatsView::default(), o));
+        let row = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("512-1023"))
+            .unwrap_or_else(|| panic!("no histogram row: {t}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cols[..3], ["512-1023", "300", "100.0"], "{row}");
+        assert!(
+            row.ends_with(&"#".repeat(crate::histogram::BAR_WIDTH)),
+            "{row}"
+        );
+        assert!(t.contains("rate since the last sample"), "{t}");
     }
 
     #[test]

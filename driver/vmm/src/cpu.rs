@@ -56,8 +56,17 @@ pub struct RootState {
     pub launch_failure: Option<u32>,
     /// Cached [`Platform::irql_is_cr8`].
     pub irql_is_cr8: bool,
+    /// Cached [`Platform::apic`] (exit-sti reads the IRR), `None` without a platform.
+    pub apic: Option<crate::platform::ApicAccess>,
+    /// The guest IDTR base last seen on this CPU, and its limit (read again when the base
+    /// moves; `intr::guest_idt`).
+    pub idt_base: u64,
+    /// See `idt_base`.
+    pub idt_limit: u16,
     /// Kernel code selector: replay frames push it, gates must use it.
     pub kernel_cs: u16,
+    /// The gate bits replayable gates have with `kernel_cs` (`policy::GateExpectation`).
+    pub gate_expect: crate::intr::policy::GateExpectation,
     /// Kernel stack selector pushed in replay frames.
     pub kernel_ss: u16,
     /// Features found at virtualization.

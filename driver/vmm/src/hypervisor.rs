@@ -401,7 +401,12 @@ fn init_root(this: &PerCpu, platform: &'static dyn Platform, init: RootInit) {
         launched: false,
         launch_failure: None,
         irql_is_cr8: platform.irql_is_cr8(),
+        apic: Some(platform.apic()),
+        // No base matches: the first replay reads the limit.
+        idt_base: u64::MAX,
+        idt_limit: 0,
         kernel_cs: regs::cs(),
+        gate_expect: crate::intr::policy::GateExpectation::new(regs::cs()),
         kernel_ss: regs::ss(),
         features: init.features,
         fatal: None,

@@ -7,10 +7,12 @@
 //! 1. Vector V arrives in the guest: exit reason 1, ack-on-exit moves V from IRR to ISR.
 //!    HOST_RIP is [`exit::stub::vm_exit_entry`], HOST_RSP this CPU's stack with `&PerCpu`
 //!    ([`cpu::PerCpu`]) in its top slot.
-//! 2. The stub saves the GPRs into [`exit::guest_regs::GuestRegs`], the TSC and XMM0–15, and
-//!    calls the dispatcher.
-//! 3. The dispatcher reads the reason through [`vmx::Vmcs`] and counts it in [`stats`]; reason 1
-//!    goes straight to [`intr::on_external_interrupt`], the rest through the handler table.
+//! 2. The stub saves the volatile GPRs into [`exit::guest_regs::GuestRegs`] and calls the fast
+//!    dispatcher, which reads the reason through [`vmx::Vmcs`]. Exit reason 1 in its common
+//!    cases is handled there in full ([`intr::try_fast`]), without FXSAVE: that code uses no
+//!    XMM register. Everything else is declined untouched; the stub then saves the other
+//!    GPRs and XMM0–15 and calls the dispatcher, which counts the reason in [`stats`] and goes
+//!    to [`intr::on_external_interrupt`] or through the handler table.
 //! 4. It decodes [`vmx::fields::ExitIntrInfo`] (invalid or not type 0: an anomaly in [`stats`]
 //!    and [`log_ring`]) and calls [`intr::policy::decide`] with the guest's IF, blocking, CPL,
 //!    CR8 and activity state ([`intr::spurious`] exempts the LAPIC's spurious vector from CR8).
@@ -22,11 +24,11 @@
 //!    guest, through [`vmx::access::VmcsAccess`] so unit tests can watch it.
 //! 7. Replay: the gate from *this* CPU's IDT ([`intr::replay::read_gate`]) is checked by
 //!    [`intr::policy::validate_gate`]; [`intr::policy::frame_stack`] picks the stack;
-//!    IRQL goes to ≥ 2 ([`Platform::raise_irql`]); [`intr::replay::call_gate`] builds the frame
-//!    and calls the handler, whose IRETQ returns into the trampoline. IRQL is restored, a halted
-//!    guest marked active, the replay counted.
-//! 8. The dispatcher adds the TSC delta to the histogram; the stub restores registers and runs
-//!    VMRESUME (a VMfail ends in [`Platform::fatal`]).
+//!    IRQL goes to ≥ 2 (raw CR8, or [`Platform::raise_irql`] under FXSAVE);
+//!    [`intr::replay::call_handler`] builds the frame and calls the handler, whose IRETQ returns
+//!    into the trampoline. IRQL is restored, a halted guest marked active, the replay counted.
+//! 8. With `stats`, the dispatcher adds the TSC delta to the histogram; the stub restores
+//!    registers and runs VMRESUME (a VMfail ends in [`Platform::fatal`]).
 //! 9. At PASSIVE, [`hypervisor::cpu_state`] and [`control`] serve `ackctl`;
 //!    [`hypervisor::drain_log`] empties [`log_ring`].
 #![no_std]
@@ -101,6 +103,12 @@ pub enum Error {
 /// ran; the driver uses them nowhere.
 pub fn root_interrupt_return_sites() -> [usize; 2] {
     intr::replay::return_sites()
+}
+/// Address of the VM-exit stub (HOST_RIP): where every VM exit's root-mode path begins. The
+/// test kernel's benchmark hands it to the runner, which counts instructions from there.
+pub fn exit_stub_address() -> usize {
+    let stub: extern "sysv64" fn() -> ! = exit::stub::vm_exit_entry;
+    stub as usize
 }
 pub use exit::hypercall;
 

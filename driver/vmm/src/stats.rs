@@ -91,6 +91,32 @@ pub struct Snapshot {
 /// Whether the counters are compiled in (feature `stats`).
 pub const ENABLED: bool = cfg!(feature = "stats");
 
+/// The TSC's low 32 bits for the root-cycle counters, or 0 without `stats`: the build without
+/// the counters has no timing instrument on the exit path either (issue 11). Benchmarks measure
+/// from outside the path instead (Bochs's instruction trace, the guest's TSC gaps). Deltas are
+/// taken with [`Tsc::elapsed`], modulo 2^32: one exit lasting 2^32 cycles (a second or more)
+/// would wrap, and root mode never runs that long with IF=0.
+#[inline(always)]
+pub fn tsc() -> Tsc {
+    if ENABLED {
+        Tsc(crate::arch::regs::rdtsc() as u32)
+    } else {
+        Tsc(0)
+    }
+}
+
+/// A [`tsc`] reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tsc(u32);
+
+impl Tsc {
+    /// Cycles from `self` to now (0 without `stats`).
+    #[inline(always)]
+    pub fn elapsed(self) -> u64 {
+        u64::from(tsc().0.wrapping_sub(self.0))
+    }
+}
+
 #[inline(always)]
 fn bump(c: &AtomicU64) {
     if !ENABLED {
@@ -101,11 +127,8 @@ fn bump(c: &AtomicU64) {
 
 /// Histogram bucket of a TSC delta: `floor(log2(delta))`, 0 for 0, clamped to the last bucket.
 pub const fn bucket(delta: u64) -> usize {
-    let b = if delta == 0 {
-        0
-    } else {
-        63 - delta.leading_zeros() as usize
-    };
+    // `| 1` puts 0 in bucket 0 without a branch (1 is there anyway).
+    let b = (delta | 1).ilog2() as usize;
     if b >= HISTOGRAM_BUCKETS {
         HISTOGRAM_BUCKETS - 1
     } else {
@@ -212,11 +235,12 @@ impl Stats {
         }
     }
 
-    /// Adds one external-interrupt exit's root-mode TSC delta.
+    /// Adds one external-interrupt exit's root-mode TSC delta (nothing without `stats`).
     #[inline(always)]
     pub fn cycles(&self, delta: u64) {
-        // The count and sum stay without the `stats` feature: they are the benchmark's
-        // instrument.
+        if !ENABLED {
+            return;
+        }
         let count = self.cycles_count.load(Ordering::Relaxed);
         self.cycles_count
             .store(count.wrapping_add(1), Ordering::Relaxed);
@@ -234,7 +258,9 @@ impl Stats {
     /// Adds TSC cycles spent inside a replayed handler call.
     #[inline(always)]
     pub fn handler_cycles(&self, delta: u64) {
-        // Kept without `stats`, like the cycle sum: "cost excluding the handler" needs it.
+        if !ENABLED {
+            return;
+        }
         let sum = self.handler_cycles_sum.load(Ordering::Relaxed);
         self.handler_cycles_sum
             .store(sum.wrapping_add(delta), Ordering::Relaxed);

@@ -76,7 +76,7 @@ const _: () = assert!(
 /// Exceptions that push an error code (bit n = vector n): 8, 10-14, 17, 21, 29, 30.
 const ERROR_CODE_MASK: u32 = 0x6022_7D00;
 /// Bytes between consecutive entry stubs (`.balign` in the asm below).
-const STUB_BYTES: u64 = 16;
+pub const STUB_BYTES: u64 = 16;
 /// TSC ticks each handler spends in its body, so that interrupts overlap (param `handler_body`).
 pub static HANDLER_BODY_TICKS: core::sync::atomic::AtomicU32 =
     core::sync::atomic::AtomicU32::new(300);
@@ -234,6 +234,15 @@ unsafe extern "C" {
     static device_stubs: u8;
     static per_cpu_stubs: u8;
     static ist_gate_stub: u8;
+}
+
+/// `[first, end)` of the device and per-CPU gate stubs: every gate target of vectors ≥ 0x20 is
+/// `first + k * STUB_BYTES` inside it (the benchmark's trace reader uses it to skip handlers).
+pub fn device_gate_range() -> (u64, u64) {
+    (
+        &raw const device_stubs as u64,
+        &raw const ist_gate_stub as u64,
+    )
 }
 
 /// Fills CPU `cpu`'s IDT: exceptions (NMI, #DF, #MC on IST1), every device vector through NT-

@@ -12,6 +12,7 @@
 
 mod apic;
 mod arch;
+mod bench;
 mod books;
 mod boot;
 mod console;
@@ -103,7 +104,7 @@ extern "C" fn kmain() -> ! {
         "vmcall" => scenarios::vmcall(&p),
         "cycles" => scenarios::cycles(&p),
         "rejected" => scenarios::rejected(&p),
-        "bench" => scenarios::bench(&p),
+        "bench" => bench::run(&p),
         "serve" => control::serve_scenario(&p),
         "nt-load" => ntos::load_scenario(&p),
         "nt-driver" => ntos::driver::scenario(&p),

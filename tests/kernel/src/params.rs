@@ -41,6 +41,9 @@ pub struct Params {
     pub cycles: u32,
     /// Clock ticks per mode in `bench`.
     pub bench_ticks: u32,
+    /// `bench`: clock ticks per mode taken halted between two magic breakpoints, for the
+    /// runner's Bochs trace (0: no traced phase).
+    pub trace_ticks: u32,
     /// Start the APs (INIT-SIPI-SIPI) when 1.
     pub smp: u32,
     /// Print per-vector tables and core statistics when 1.
@@ -104,6 +107,7 @@ impl Params {
             stretch: 3000,
             cycles: 20,
             bench_ticks: 1000,
+            trace_ticks: 0,
             smp: 0,
             verbose: 0,
             min_rounds: 0,
@@ -142,6 +146,7 @@ impl Params {
                 ("stretch", Some(v)) => p.stretch = v,
                 ("cycles", Some(v)) => p.cycles = v,
                 ("bench_ticks", Some(v)) => p.bench_ticks = v,
+                ("trace_ticks", Some(v)) => p.trace_ticks = v,
                 ("smp", Some(v)) => p.smp = v,
                 ("verbose", Some(v)) => p.verbose = v,
                 ("min_rounds", Some(v)) => p.min_rounds = v,

@@ -68,7 +68,7 @@ pub fn devirtualize(scenario: &str) -> bool {
 }
 
 /// Applies `mode` everywhere, retrying while the core reports vectors still pending.
-fn set_mode(scenario: &str, mode: Mode) -> bool {
+pub fn set_mode(scenario: &str, mode: Mode) -> bool {
     for _ in 0..1000 {
         match hypervisor::set_mode_all(mode) {
             Ok(()) => return true,
@@ -367,72 +367,6 @@ pub fn rejected(p: &Params) {
         .kv("canary_broken", t.canary_broken)
         .kv("isr_left", t.isr_left)
         .print();
-}
-
-/// Scenario 7: per mode, the clock alone on every CPU at once; exits and root cycles per exit
-/// summed over CPUs. Asserts nothing.
-pub fn bench(p: &Params) {
-    let name = "bench";
-    if !virtualize(name, Mode::Passthrough) {
-        return;
-    }
-    // The benchmark measures the replay path: the clock's default (`auto`) would inject it,
-    // since the benchmark's guest spins at IRQL 0.
-    hypervisor::set_policy_all(Vector(interrupts::CLOCK_VECTOR), VectorPolicy::Replay);
-    static TSC: [core::sync::atomic::AtomicU64; crate::percpu::MAX_CPUS] =
-        [const { core::sync::atomic::AtomicU64::new(0) }; crate::percpu::MAX_CPUS];
-    for mode in Mode::ALL {
-        if !set_mode(name, mode) {
-            return;
-        }
-        hypervisor::reset_stats();
-        let (ticks, period) = (p.bench_ticks, p.clock_period);
-        let result = smp::run_concurrently(&|index| {
-            workload::reset_counts();
-            let tsc = workload::clock_only(ticks, period);
-            TSC[index.0 as usize].store(tsc, Ordering::Relaxed);
-            Ok(())
-        });
-        if let Err((cpu, e)) = result {
-            fail(name, "bench", format_args!("cpu{}:{e:?}", cpu.0));
-            return;
-        }
-        let mut s = Snapshot::zero();
-        let mut tsc = 0;
-        for i in 0..online_count() {
-            if let Some(state) = hypervisor::cpu_state(CpuIndex(i)) {
-                s.merge(&state.stats);
-            }
-            tsc = tsc.max(TSC[i as usize].load(Ordering::Relaxed));
-        }
-        let per_exit = s.cycles_sum.checked_div(s.cycles_count).unwrap_or(0);
-        let excl = s
-            .cycles_sum
-            .saturating_sub(handler_cycles(&s))
-            .checked_div(s.cycles_count)
-            .unwrap_or(0);
-        Line::new(name)
-            .kv("mode", mode.name())
-            .kv("cpus", online_count())
-            .kv("stats", u8::from(ackvisor_vmm::stats::ENABLED))
-            .kv("ticks", p.bench_ticks)
-            .kv("tsc", tsc)
-            .kv("tsc_per_tick", tsc / u64::from(p.bench_ticks.max(1)))
-            .kv("exits_extint", s.exits[1])
-            .kv("exits_timed", s.cycles_count)
-            .kv("exits_total", s.total_exits())
-            .kv("root_cycles_per_exit", per_exit)
-            .kv("root_cycles_per_exit_excl_handler", excl)
-            .kv("root_cycles_max", s.cycles_max)
-            .kv("bytes_per_cpu", hypervisor::bytes_per_cpu())
-            .print();
-    }
-    devirtualize(name);
-}
-
-/// Root cycles spent inside replayed handlers (the handler body is NT's cost, not ours).
-fn handler_cycles(s: &Snapshot) -> u64 {
-    s.handler_cycles_sum
 }
 
 fn print_features() {

@@ -15,8 +15,8 @@ use ackvisor_vmm::intr::vector_policy::{PolicyLookup, VectorPolicy};
 use ackvisor_vmm::stats::Snapshot;
 
 use crate::interrupts::{
-    self, CHAINS, CLOCK_VECTOR, DISPATCH_CLASS, DPC_VECTOR, DPL3_GATE_VECTOR, IPI_VECTORS,
-    IST_GATE_VECTOR, IrqOff, RaisedCr8, SOURCE_VECTORS, WAKE_VECTOR,
+    self, CHAINS, DISPATCH_CLASS, DPC_VECTOR, DPL3_GATE_VECTOR, IPI_VECTORS, IST_GATE_VECTOR,
+    IrqOff, RaisedCr8, SOURCE_VECTORS, WAKE_VECTOR,
 };
 use crate::percpu::{Cpu, this_cpu};
 use crate::report::Line;
@@ -517,27 +517,4 @@ pub fn print_vectors(label: &str, cpu: &Cpu, core: Option<&Snapshot>) {
             c.nested_root.get(v),
         );
     }
-}
-
-/// The clock-only load of the benchmark: `ticks` clock interrupts, no chains, no stretches.
-/// Returns the TSC ticks it took.
-pub fn clock_only(ticks: u32, period: u32) -> u64 {
-    // APs run this from their mailbox, where IF=0.
-    let was_enabled = arch::rflags() & arch::RFLAGS_IF != 0;
-    // SAFETY: this CPU's IDT and LAPIC are set up.
-    unsafe { arch::sti() };
-    let cpu = this_cpu();
-    let start = cpu.counts.runs.get(CLOCK_VECTOR);
-    let t0 = arch::rdtsc();
-    interrupts::clock_start(period);
-    while cpu.counts.runs.get(CLOCK_VECTOR) - start < ticks {
-        core::hint::spin_loop();
-    }
-    interrupts::clock_stop();
-    let elapsed = arch::rdtsc() - t0;
-    drain();
-    if !was_enabled {
-        arch::cli();
-    }
-    elapsed
 }

@@ -21,6 +21,8 @@ pub mod ackctl;
 pub mod driver;
 pub mod modes;
 pub mod relay;
+pub mod rootcode;
+pub mod trace;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -118,6 +120,15 @@ pub fn kernel_image_with(stats: bool) -> Result<PathBuf, String> {
     slot.get_or_init(|| build_kernel_image(stats)).clone()
 }
 
+/// The kernel's ELF (with symbols) behind [`kernel_image_with`], built if needed.
+pub fn kernel_elf_with(stats: bool) -> Result<PathBuf, String> {
+    let image = kernel_image_with(stats)?;
+    let dir = image
+        .parent()
+        .ok_or_else(|| format!("{} has no directory", image.display()))?;
+    Ok(dir.join("x86_64-unknown-linux-gnu/release/testkernel"))
+}
+
 fn build_kernel_image(stats: bool) -> Result<PathBuf, String> {
     let root = workspace_root();
     let kernel_dir = root.join("tests/kernel");
@@ -206,6 +217,9 @@ pub struct RunSpec {
     pub serial: bool,
     /// Emulated instructions per emulated second (see [`IPS`]).
     pub ips: u32,
+    /// Bochs instruction-trace windows, each opened and closed by a magic breakpoint
+    /// (`xchg bx, bx`) in the kernel (see [`RunSpec::traced`]); 0 = no trace.
+    pub trace_windows: u32,
 }
 
 impl RunSpec {
@@ -219,7 +233,32 @@ impl RunSpec {
             stats: true,
             serial: false,
             ips: IPS,
+            trace_windows: 0,
         }
+    }
+
+    /// Turns on Bochs's magic breakpoint and gives the debugger a script that traces every
+    /// instruction of every CPU between the 1st and 2nd break, the 3rd and 4th, and so on, for
+    /// `windows` windows ([`trace`] reads the lines).
+    pub fn traced(mut self, windows: u32) -> RunSpec {
+        self.trace_windows = windows;
+        self
+    }
+
+    /// The debugger script: continue; then per window trace on (every CPU), continue, trace
+    /// off, continue; quit.
+    fn debugger_script(&self) -> String {
+        let mut rc = String::from("c\n");
+        for _ in 0..self.trace_windows {
+            for on in ["on", "off"] {
+                for cpu in 0..self.cpus {
+                    let _ = write!(rc, "set $cpu = {cpu}\ntrace {on}\n");
+                }
+                rc.push_str("c\n");
+            }
+        }
+        rc.push_str("quit\n");
+        rc
     }
 
     /// A run of the `serve` scenario: COM1 on, the control server answering `ackctl`, the
@@ -271,6 +310,9 @@ impl RunSpec {
         let mut n = format!("{}-{}-c{}", self.scenario(), self.model, self.cpus);
         if !self.stats {
             n.push_str("-nostats");
+        }
+        if self.trace_windows > 0 {
+            n.push_str("-traced");
         }
         for (k, v) in &self.params {
             if k != "scenario" && k != "smp" {
@@ -447,6 +489,9 @@ pub fn start(spec: &RunSpec) -> Result<Machine, String> {
         disk = disk_path.display(),
         log = out_dir.join("bochs.log").display(),
     );
+    if spec.trace_windows > 0 {
+        bochsrc.push_str("magic_break: enabled=1\n");
+    }
     if let Some(port) = com_port {
         let _ = writeln!(
             bochsrc,
@@ -457,7 +502,7 @@ pub fn start(spec: &RunSpec) -> Result<Machine, String> {
     fs::write(&rc_path, bochsrc).map_err(|e| format!("write bochsrc: {e}"))?;
     // The debugger is compiled into Debian's Bochs: it waits at a prompt unless told to go on.
     let cont_path = out_dir.join("cont.rc");
-    fs::write(&cont_path, "c\nquit\n").map_err(|e| format!("write cont.rc: {e}"))?;
+    fs::write(&cont_path, spec.debugger_script()).map_err(|e| format!("write cont.rc: {e}"))?;
 
     let stderr = fs::File::create(out_dir.join("stderr.txt"))
         .map_err(|e| format!("create stderr.txt: {e}"))?;

@@ -25,6 +25,13 @@ bitfield! {
     pub u16, offset_mid, _: 63, 48;
 }
 
+impl GateLow {
+    /// The raw quadword.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+}
+
 /// Gate type field values in IA-32e mode.
 pub mod gate_type {
     /// 64-bit interrupt gate: clears IF on entry.

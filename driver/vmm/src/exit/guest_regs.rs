@@ -4,15 +4,15 @@
 
 /// GPRs in SDM register-number order (RAX=0 … R15=15), so an exit qualification's register
 /// field indexes them directly. The RSP slot is not the guest's RSP (that lives in the VMCS):
-/// the stub leaves it unused.
+/// the stub leaves it unused. On the fast external-interrupt path only the nine volatile
+/// registers' slots are filled, and nothing reads them; handlers get all fifteen.
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct GuestRegs {
     /// The 16 GPRs.
     pub gpr: [u64; 16],
-    /// TSC read by the stub right after saving the GPRs (start of the root-mode cost).
-    pub entry_tsc: u64,
-    _pad: u64,
+    /// Keeps HOST_RSP − size 16-byte aligned for the stub's CALL.
+    _pad: [u64; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<GuestRegs>() == 144);

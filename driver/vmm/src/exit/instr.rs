@@ -58,7 +58,7 @@ fn inject_gp(ctx: &mut ExitCtx<'_>) -> ExitAction {
 }
 
 fn guest_cpl(ctx: &ExitCtx<'_>) -> u8 {
-    ((ctx.vmcs.read32(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
+    crate::vmx::fields::AccessRights::from_raw(ctx.vmcs.read32(guest::SS_ACCESS_RIGHTS)).dpl()
 }
 
 /// VMX instructions and GETSEC: a CPU without VMX/SMX raises #UD.

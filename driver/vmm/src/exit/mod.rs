@@ -120,7 +120,43 @@ static HANDLERS: [Option<Handler>; HANDLER_SLOTS] = {
     t
 };
 
-/// Called by the stub. Returns 0 to resume, 1 after VMXOFF.
+/// [`dispatch_fast`]: the exit is handled, VMRESUME.
+const FAST_HANDLED: u64 = 0;
+/// [`dispatch_fast`]: not an external-interrupt exit, take the slow path.
+const FAST_DECLINED: u64 = 1;
+
+/// Called by the stub first, with only the volatile GPRs saved and no FXSAVE: handles the
+/// common external-interrupt exits in full ([`crate::intr::try_fast`]) and returns
+/// [`FAST_HANDLED`]; declines everything else having changed nothing ([`FAST_DECLINED`]), and
+/// the stub hands it to [`dispatch`]. Nothing reachable from here may use an XMM register (the
+/// runner's `root_code_uses_no_vector_registers`).
+pub(crate) extern "sysv64" fn dispatch_fast(cpu: &PerCpu) -> u64 {
+    // SAFETY: a VM exit just happened on this CPU, so its VMCS is current.
+    let vmcs = unsafe { Vmcs::current() };
+    // Exactly reason 1: an entry failure or any flag bit goes the slow way.
+    if vmcs.read32_known(ro::EXIT_REASON) != u32::from(reason::EXTERNAL_INTERRUPT) {
+        return FAST_DECLINED;
+    }
+    let t0 = crate::stats::tsc();
+    // SAFETY: root mode of the CPU that owns `cpu` (the stub found it in this CPU's host
+    // stack); the exit path is not reentrant.
+    let root = unsafe { cpu.root() };
+    let mut ctx = crate::intr::IntrCtx {
+        vmcs: &vmcs,
+        cpu,
+        root,
+        timed: true,
+    };
+    if !crate::intr::try_fast(&mut ctx) {
+        return FAST_DECLINED;
+    }
+    cpu.data.stats.exit(reason::EXTERNAL_INTERRUPT);
+    cpu.data.stats.cycles(t0.elapsed());
+    FAST_HANDLED
+}
+
+/// Called by the stub for every exit [`dispatch_fast`] declined. Returns 0 to resume, 1 after
+/// VMXOFF.
 pub(crate) extern "sysv64" fn dispatch(
     regs: &mut GuestRegs,
     cpu: &PerCpu,
@@ -153,10 +189,10 @@ pub(crate) extern "sysv64" fn dispatch(
     } else if reason.entry_failure() {
         ctx.fatal(FatalKind::EntryFailure)
     } else if reason.basic() == reason::EXTERNAL_INTERRUPT {
-        // Hot path first, as KVM does: skips the table.
-        crate::intr::on_external_interrupt(&mut ctx);
-        let delta = regs::rdtsc().wrapping_sub(ctx.regs.entry_tsc);
-        cpu.data.stats.cycles(delta);
+        // Reason 1 the fast path declined (see `intr::try_fast`): the full handling.
+        let t0 = crate::stats::tsc();
+        crate::intr::on_external_interrupt(&mut crate::intr::IntrCtx::of(&mut ctx));
+        cpu.data.stats.cycles(t0.elapsed());
         ExitAction::Resume
     } else {
         let handler = HANDLERS.get(usize::from(reason.basic())).copied().flatten();

@@ -7,8 +7,9 @@
 //!    the launch stub itself, so the guest "returns 0" from [`launch`].
 //! 2. A VM exit loads HOST_RSP (our stack, `&PerCpu` in its top slot) and HOST_RIP
 //!    ([`vm_exit_entry`]), with RFLAGS = 0x2 (IF=0). GPRs still hold the guest's values.
-//! 3. The stub saves the 16 GPRs (SDM order) as a `GuestRegs`, the TSC, and XMM0–15/MXCSR with
-//!    FXSAVE (root code may use SSE; the guest's vector state must survive it).
+//! 3. The stub saves the volatile GPRs and calls `exit::dispatch_fast` (external interrupts);
+//!    for every other exit it completes the 16 GPRs (SDM order) as a `GuestRegs` and saves
+//!    XMM0–15/MXCSR with FXSAVE (handlers may use SSE; the guest's vector state must survive).
 //! 4. `exit::dispatch` returns 0 to resume or 1 to leave VMX operation; in the second case
 //!    VMXOFF has already run and `CpuData::devirt_rsp` points at [RFLAGS, RIP] on the guest's
 //!    stack, so POPFQ + RET continue the former guest.
@@ -116,116 +117,115 @@ pub fn launch_failed_resume_point() -> u64 {
     core::ptr::addr_of!(ackvisor_launch_failed) as u64
 }
 
+/// Slot of GPR `n` in [`GuestRegs`] (SDM register number).
+const fn gpr(n: usize) -> usize {
+    offset_of!(GuestRegs, gpr) + n * 8
+}
+
 /// HOST_RIP. Stack on entry (HOST_RSP, 16-byte aligned): `[rsp] = &PerCpu`.
 ///
 /// ```text
 ///   HOST_RSP  -> &PerCpu
-///             -  pad, entry_tsc          (GuestRegs tail)
-///             -  r15 … rax (rsp slot)    (GuestRegs.gpr, rax lowest)
-///   rsp       -> FXSAVE area (512)       at the CALL
+///   rsp       -> GuestRegs (144 bytes: 16 GPR slots, pad)   at both CALLs
 /// ```
 ///
-/// On the msvc target the stub carries unwind data (HyperPlatform's idea, STYLE §2.5) so that
-/// WinDbg's `k`, stopped in a handler that root replayed, walks through `dispatch` into this
-/// frame and ends cleanly: the codes describe every push (the guest's GPRs come back in the
+/// Two paths (issue 11: the external-interrupt exit is the one that must be cheap):
+/// - **fast**: save the nine registers the System V ABI lets a callee clobber (RAX, RCX, RDX,
+///   RSI, RDI, R8–R11) and call `exit::dispatch_fast`, which handles exit reason 1 in full.
+///   The callee-saved six are preserved by the call itself, and no XMM register is saved:
+///   the code reachable from here uses none (the runner's `root_code_uses_no_vector_registers`
+///   test disassembles it), NT's interrupt entry saves the volatile XMM registers for the
+///   handler it runs, and platform IRQL calls go through [`with_fx_saved`].
+/// - **slow** (`dispatch_fast` returned nonzero: any other exit): [`exit_slow`] completes
+///   `GuestRegs` with the six callee-saved registers (still the guest's), saves the vector
+///   state and calls `exit::dispatch`; then all fifteen come back (handlers may change any).
+///
+/// On the msvc target both carry unwind data (HyperPlatform's idea, STYLE §2.5) so that
+/// WinDbg's `k`, stopped in a handler that root replayed, walks through the dispatcher into
+/// this frame and ends cleanly: the codes describe the saved registers (they come back in the
 /// unwound context) and count the `&PerCpu` slot as allocated, so the unwinder's return address
 /// is the zeroed qword above HOST_RSP, which ends the walk.
 #[unsafe(naked)]
 pub extern "sysv64" fn vm_exit_entry() -> ! {
     core::arch::naked_asm!(
+        // -- fast path: volatile registers into their GuestRegs slots.
         #[cfg(windows)]
         ".seh_proc {this}",                 // unwind data for WinDbg (see above)
         #[cfg(windows)]
         ".seh_stackalloc 8",                // the &PerCpu slot HOST_RSP points at
-        // -- save: GuestRegs is built by pushes, highest field first.
-        "sub rsp, 16",                      // GuestRegs.{_pad, entry_tsc}
+        "sub rsp, {regs}",                  // GuestRegs, ending at HOST_RSP
         #[cfg(windows)]
-        ".seh_stackalloc 16",               //
-        "push r15",                         //
+        ".seh_stackalloc {regs}",           //
+        "mov [rsp + {rax}], rax",           //
         #[cfg(windows)]
-        ".seh_pushreg r15",                 //
-        "push r14",                         //
+        ".seh_savereg rax, {rax}",
+        "mov [rsp + {rcx}], rcx",           //
         #[cfg(windows)]
-        ".seh_pushreg r14",                 //
-        "push r13",                         //
+        ".seh_savereg rcx, {rcx}",
+        "mov [rsp + {rdx}], rdx",           //
         #[cfg(windows)]
-        ".seh_pushreg r13",                 //
-        "push r12",                         //
+        ".seh_savereg rdx, {rdx}",
+        "mov [rsp + {rsi}], rsi",           //
         #[cfg(windows)]
-        ".seh_pushreg r12",                 //
-        "push r11",                         //
+        ".seh_savereg rsi, {rsi}",
+        "mov [rsp + {rdi}], rdi",           //
         #[cfg(windows)]
-        ".seh_pushreg r11",                 //
-        "push r10",                         //
+        ".seh_savereg rdi, {rdi}",
+        "mov [rsp + {r8}], r8",             //
         #[cfg(windows)]
-        ".seh_pushreg r10",                 //
-        "push r9",                          //
+        ".seh_savereg r8, {r8}",
+        "mov [rsp + {r9}], r9",             //
         #[cfg(windows)]
-        ".seh_pushreg r9",                  //
-        "push r8",                          //
+        ".seh_savereg r9, {r9}",
+        "mov [rsp + {r10}], r10",           //
         #[cfg(windows)]
-        ".seh_pushreg r8",                  //
-        "push rdi",                         //
+        ".seh_savereg r10, {r10}",
+        "mov [rsp + {r11}], r11",           //
         #[cfg(windows)]
-        ".seh_pushreg rdi",                 //
-        "push rsi",                         //
-        #[cfg(windows)]
-        ".seh_pushreg rsi",                 //
-        "push rbp",                         //
-        #[cfg(windows)]
-        ".seh_pushreg rbp",                 //
-        "sub rsp, 8",                       // RSP slot: the guest's RSP is in the VMCS
-        #[cfg(windows)]
-        ".seh_stackalloc 8",                //
-        "push rbx",                         //
-        #[cfg(windows)]
-        ".seh_pushreg rbx",                 //
-        "push rdx",                         //
-        #[cfg(windows)]
-        ".seh_pushreg rdx",                 //
-        "push rcx",                         //
-        #[cfg(windows)]
-        ".seh_pushreg rcx",                 //
-        "push rax",                         // rsp = &GuestRegs, still 16-byte aligned
-        #[cfg(windows)]
-        ".seh_pushreg rax",                 //
-        "rdtsc",                            // start of the root-mode cost (rax/rdx saved)
-        "shl rdx, 32",                      //
-        "or rax, rdx",                      //
-        "mov [rsp + {tsc}], rax",           // GuestRegs.entry_tsc
-        "mov rdi, rsp",                     // arg 1: &mut GuestRegs
-        "mov rsi, [rsp + {regs}]",          // arg 2: &PerCpu from the top slot
-        "sub rsp, {fx}",                    //
-        #[cfg(windows)]
-        ".seh_stackalloc {fx}",             //
+        ".seh_savereg r11, {r11}",
         #[cfg(windows)]
         ".seh_endprologue",                 //
-        "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP: root uses SSE
-        "mov rdx, rsp",                     // arg 3: &mut FxArea (forwarded XMM hypercalls)
+        "mov rdi, [rsp + {regs}]",          // arg 1: &PerCpu from the top slot
         "cld",                              // the ABI wants DF=0; the guest may have set it
-        "call {dispatch}",                  // rax = 0 resume, 1 devirtualize
-        "fxrstor64 [rsp]",                  //
-        "add rsp, {fx}",                    // rsp = &GuestRegs
-        "cmp rax, 1",                       // flags survive the pops below
-        "pop rax",                          // -- restore, same order reversed
-        "pop rcx",                          //
-        "pop rdx",                          //
-        "pop rbx",                          //
-        "lea rsp, [rsp + 8]",               // RSP slot (LEA keeps the flags)
-        "pop rbp",                          //
-        "pop rsi",                          //
-        "pop rdi",                          //
-        "pop r8",                           //
-        "pop r9",                           //
-        "pop r10",                          //
-        "pop r11",                          //
-        "pop r12",                          //
-        "pop r13",                          //
-        "pop r14",                          //
-        "pop r15",                          //
-        "lea rsp, [rsp + 16]",              // rsp = HOST_RSP again, [rsp] = &PerCpu
+        "call {fast}",                      // rax = 0: handled, resume; else the slow path
+        "test eax, eax",                    //
+        "jnz 2f",                           //
+        "mov r11, [rsp + {r11}]",           // -- fast resume: the same nine back
+        "mov r10, [rsp + {r10}]",           //
+        "mov r9, [rsp + {r9}]",             //
+        "mov r8, [rsp + {r8}]",             //
+        "mov rdi, [rsp + {rdi}]",           //
+        "mov rsi, [rsp + {rsi}]",           //
+        "mov rdx, [rsp + {rdx}]",           //
+        "mov rcx, [rsp + {rcx}]",           //
+        "mov rax, [rsp + {rax}]",           //
+        "add rsp, {regs}",                  // rsp = HOST_RSP again
+        "vmresume",                         // success does not come back
+        "jmp 4f",                           //
+        "2:",                               // -- slow path: every other exit
+        "mov rdi, rsp",                     // arg 1: &mut GuestRegs
+        "mov rsi, [rsp + {regs}]",          // arg 2: &PerCpu
+        "call {slow}",                      // rax = 0 resume, 1 devirtualize
+        "cmp rax, 1",                       // flags survive the loads below
+        "mov rax, [rsp + {rax}]",           // -- restore all fifteen
+        "mov rcx, [rsp + {rcx}]",           //
+        "mov rdx, [rsp + {rdx}]",           //
+        "mov rbx, [rsp + {rbx}]",           //
+        "mov rbp, [rsp + {rbp}]",           //
+        "mov rsi, [rsp + {rsi}]",           //
+        "mov rdi, [rsp + {rdi}]",           //
+        "mov r8, [rsp + {r8}]",             //
+        "mov r9, [rsp + {r9}]",             //
+        "mov r10, [rsp + {r10}]",           //
+        "mov r11, [rsp + {r11}]",           //
+        "mov r12, [rsp + {r12}]",           //
+        "mov r13, [rsp + {r13}]",           //
+        "mov r14, [rsp + {r14}]",           //
+        "mov r15, [rsp + {r15}]",           //
+        "lea rsp, [rsp + {regs}]",          // rsp = HOST_RSP, [rsp] = &PerCpu (LEA keeps flags)
         "je 5f",                            // dispatch said devirtualize
         "vmresume",                         // success does not come back
+        "4:",                               //
         "pushfq",                           // VMfailInvalid (CF) or VMfailValid (ZF)
         "pop rsi",                          // arg 2: RFLAGS after the failure
         "mov rdi, [rsp]",                   // arg 1: &PerCpu
@@ -238,15 +238,112 @@ pub extern "sysv64" fn vm_exit_entry() -> ! {
         "ret",                              // guest RIP, RSP = guest RSP
         #[cfg(windows)]
         ".seh_endproc",                     //
-        tsc = const offset_of!(GuestRegs, entry_tsc),
         regs = const REGS_BYTES,
-        fx = const FXSAVE_BYTES,
+        rax = const gpr(0),
+        rcx = const gpr(1),
+        rdx = const gpr(2),
+        rbx = const gpr(3),
+        rbp = const gpr(5),
+        rsi = const gpr(6),
+        rdi = const gpr(7),
+        r8 = const gpr(8),
+        r9 = const gpr(9),
+        r10 = const gpr(10),
+        r11 = const gpr(11),
+        r12 = const gpr(12),
+        r13 = const gpr(13),
+        r14 = const gpr(14),
+        r15 = const gpr(15),
         devirt = const offset_of!(PerCpu, data) + offset_of!(CpuData, devirt_rsp),
-        dispatch = sym super::dispatch,
+        fast = sym super::dispatch_fast,
+        slow = sym exit_slow,
         failed = sym resume_failed,
         #[cfg(windows)]
         this = sym vm_exit_entry,
     )
+}
+
+/// The slow path of [`vm_exit_entry`], a function of its own so that its stack frame (the
+/// FXSAVE area) has a prologue of its own: completes `GuestRegs` with the six callee-saved
+/// registers (still the guest's: the fast call preserved them), saves XMM0–15/MXCSR and calls
+/// `exit::dispatch`. Returns its answer (0 resume, 1 devirtualize). The XMM check stops at its
+/// first instruction (`ackvisor_exit_slow`), which starts with the saving.
+///
+/// ```text
+///   rsp at entry + 8 -> GuestRegs (rdi)
+///   rsp              -> return into vm_exit_entry
+///                    -  pad (8), FXSAVE area (512)   at the CALL of dispatch
+/// ```
+#[unsafe(naked)]
+extern "sysv64" fn exit_slow(regs: &mut GuestRegs, cpu: &PerCpu) -> u64 {
+    core::arch::naked_asm!(
+        #[cfg(windows)]
+        ".seh_proc {this}",                 // unwind data (see vm_exit_entry)
+        ".global ackvisor_exit_slow",       // the XMM check's boundary
+        "ackvisor_exit_slow:",              //
+        "mov [rdi + {rbx}], rbx",           // callee-saved: still the guest's
+        "mov [rdi + {rbp}], rbp",           //
+        "mov [rdi + {r12}], r12",           //
+        "mov [rdi + {r13}], r13",           //
+        "mov [rdi + {r14}], r14",           //
+        "mov [rdi + {r15}], r15",           //
+        "sub rsp, {frame}",                 // 16-byte aligned FXSAVE area
+        #[cfg(windows)]
+        ".seh_stackalloc {frame}",          //
+        #[cfg(windows)]
+        ".seh_endprologue",                 //
+        "fxsave64 [rsp]",                   // XMM0-15, MXCSR, 64-bit x87 FIP/FDP
+        "mov rdx, rsp",                     // arg 3: &mut FxArea (rdi, rsi: args 1, 2)
+        "call {dispatch}",                  // rax = 0 resume, 1 devirtualize
+        "fxrstor64 [rsp]",                  //
+        "add rsp, {frame}",                 //
+        "ret",                              //
+        #[cfg(windows)]
+        ".seh_endproc",                     //
+        rbx = const gpr(3),
+        rbp = const gpr(5),
+        r12 = const gpr(12),
+        r13 = const gpr(13),
+        r14 = const gpr(14),
+        r15 = const gpr(15),
+        frame = const FXSAVE_BYTES + 8,
+        dispatch = sym super::dispatch,
+        #[cfg(windows)]
+        this = sym exit_slow,
+    )
+}
+
+/// Calls `f(arg)` with the caller's XMM0–15/MXCSR saved around it (FXSAVE64/FXRSTOR64 on a
+/// 16-byte-aligned area of this stack). For code on the fast exit path that is not ours to
+/// prove free of XMM: the platform's IRQL functions (DESIGN §4, NT).
+///
+/// # Safety
+/// `f` is the address of an `extern "sysv64" fn(usize)`-compatible function that may be
+/// called with `arg`, and the stack has 528 bytes to spare.
+#[unsafe(naked)]
+unsafe extern "sysv64" fn fx_saved_raw(f: usize, arg: usize) {
+    core::arch::naked_asm!(
+        "push rbp",            // rsp 16-aligned now
+        "mov rbp, rsp",        //
+        "sub rsp, {fx}",       //
+        "fxsave64 [rsp]",      // the guest's vector state
+        "mov rax, rdi",        //
+        "mov rdi, rsi",        // arg 1 of f: arg
+        "call rax",            //
+        "fxrstor64 [rsp]",     //
+        "mov rsp, rbp",        //
+        "pop rbp",             //
+        "ret",                 //
+        fx = const FXSAVE_BYTES,
+    )
+}
+
+/// Calls `f(arg)` with the vector state saved around it (`fx_saved_raw`), for a typed argument.
+#[inline(always)]
+pub fn with_fx_saved<T>(f: extern "sysv64" fn(&T), arg: &T) {
+    // SAFETY: `f` is a function taking one pointer-sized argument in RDI, called with a valid
+    // `&T` for the whole call; exit paths use a few hundred bytes of the 24 KiB host stack.
+    unsafe { fx_saved_raw(f as usize, arg as *const T as usize) };
 }
 
 /// VMRESUME failed: nothing can continue on this CPU.
@@ -255,3 +352,4 @@ extern "sysv64" fn resume_failed(cpu: &PerCpu, rflags: u64) -> ! {
 }
 
 const _: () = assert!(REGS_BYTES.is_multiple_of(16) && FXSAVE_BYTES.is_multiple_of(16));
+const _: () = assert!(gpr(15) + 8 <= REGS_BYTES);

@@ -8,15 +8,6 @@ use crate::vmx::Vmcs;
 use crate::vmx::fields::EntryIntrInfo;
 use x86::vmx::vmcs::control::{self, PinbasedControls, PrimaryControls};
 
-/// Injects external-interrupt vector `v` at the next VM entry.
-#[inline(always)]
-pub fn external(vmcs: &Vmcs, v: u8) {
-    vmcs.set(
-        control::VMENTRY_INTERRUPTION_INFO_FIELD,
-        u64::from(EntryIntrInfo::external(v).raw()),
-    );
-}
-
 /// Injects hardware exception `vector` (with error code 0 when `error_code`).
 pub fn exception(vmcs: &Vmcs, vector: u8, error_code: bool) {
     if error_code {

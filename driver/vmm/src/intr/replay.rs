@@ -4,7 +4,7 @@
 //! **Runs in:** VMX root; the replayed handler runs with IF=0 until it enables interrupts
 //! itself, at IRQL ≥ DISPATCH.
 
-use super::policy::{self, FrameStack, GateRejection, Vector};
+use super::policy::{self, FrameStack, Vector};
 use crate::arch::debug::DR7_AFTER_EXIT;
 use crate::arch::idt::IdtGate;
 use crate::arch::{msr, regs};
@@ -52,7 +52,6 @@ unsafe extern "sysv64" fn replay_trampoline(handler: u64, frame_rsp: u64, ss: u6
         "call rdi",                       // pushes RIP; the handler ends in IRETQ
         ".global ackvisor_replay_return", //
         "ackvisor_replay_return:",        // IRETQ resumes here with RSP = rbp
-        "mov rsp, rbp",                   // (already equal; states the invariant)
         "pop rbp",                        //
         "ret",                            //
         #[cfg(windows)]
@@ -142,28 +141,18 @@ pub fn read_gate(base: u64, limit: u16, v: Vector) -> Option<IdtGate> {
     Some(unsafe { core::ptr::read_volatile(p) })
 }
 
-/// Validates and calls the gate; returns the TSC cycles spent in the handler.
+/// Calls a validated gate's handler (DESIGN §3.4) with its frame on `frame`.
 #[inline(always)]
-pub fn call_gate(
-    gate: Option<IdtGate>,
-    v: Vector,
-    idt_limit: u16,
-    kernel_cs: u16,
-    kernel_ss: u16,
-    frame: FrameStack,
-) -> Result<u64, GateRejection> {
-    let handler = policy::validate_gate(v, gate, idt_limit, kernel_cs)?;
+pub fn call_handler(handler: u64, kernel_cs: u16, kernel_ss: u16, frame: FrameStack) {
     let rsp = match frame {
         FrameStack::Guest(rsp) => rsp,
         FrameStack::Vmm => 0,
     };
-    let t0 = crate::arch::regs::rdtsc();
     // SAFETY: `handler` is a present 64-bit interrupt gate of this CPU's IDT with DPL 0, the
-    // kernel CS and no IST (validated above), i.e. an OS interrupt handler expecting exactly the
-    // frame built; the frame goes below the guest's own RSP at CPL 0 (the x64 kernel has no red
-    // zone; a real interrupt writes there too) or on our stack.
+    // kernel CS and no IST (`policy::validate_gate` accepted it), i.e. an OS interrupt handler
+    // expecting exactly the frame built; the frame goes below the guest's own RSP at CPL 0 (the
+    // x64 kernel has no red zone; a real interrupt writes there too) or on our stack.
     unsafe { replay_trampoline(handler, rsp, u64::from(kernel_ss), u64::from(kernel_cs)) };
-    Ok(crate::arch::regs::rdtsc().wrapping_sub(t0))
 }
 
 /// Loads what `plan` says before a root call (`intr::debug`). The common plan loads nothing.

@@ -26,6 +26,21 @@ impl ExitReasonField {
     }
 }
 
+bitfield! {
+    /// Segment access rights as the VMCS holds them (SDM 3C, "Guest Register State").
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub struct AccessRights(u32); impl Debug;
+    /// Descriptor privilege level (for SS: the current privilege level).
+    pub u8, dpl, _: 6, 5;
+}
+
+impl AccessRights {
+    /// From the raw field.
+    pub const fn from_raw(v: u32) -> Self {
+        Self(v)
+    }
+}
+
 /// Basic exit reasons ackvisor handles (SDM 3C appendix "VMX Basic Exit Reasons").
 pub mod reason {
     /// Exception or NMI.

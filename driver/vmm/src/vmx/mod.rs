@@ -158,6 +158,26 @@ impl Vmcs {
         self.read(field) as u32
     }
 
+    /// VMREAD of a field every VMX processor has (the guest-state area's registers, the exit
+    /// reason and interruption information): one instruction less than [`Vmcs::read`], which
+    /// zeroes the destination first for fields that may be missing. The exit path's reads.
+    #[inline(always)]
+    pub fn read_known(&self, field: u32) -> u64 {
+        let value: u64;
+        // SAFETY: a VMCS is current (type invariant); VMREAD only reads it into a register.
+        unsafe {
+            core::arch::asm!("vmread {v}, {f}", f = in(reg) u64::from(field), v = out(reg) value,
+                options(nostack, nomem))
+        };
+        value
+    }
+
+    /// [`Vmcs::read_known`] of a 32-bit field.
+    #[inline(always)]
+    pub fn read32_known(&self, field: u32) -> u32 {
+        self.read_known(field) as u32
+    }
+
     /// VMWRITE.
     #[inline(always)]
     pub fn write(&self, field: u32, value: u64) -> Result<(), VmxError> {
