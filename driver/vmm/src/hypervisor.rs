@@ -759,44 +759,6 @@ mod tests {
         assert_eq!(vmx_availability(VMX, None, FC_OK, 0), Ok(false));
     }
 
-    /// Counts the pages handed back; nothing else is ever called by `reap_dead`.
-    struct FreeCounter(std::sync::Mutex<std::vec::Vec<(usize, usize)>>);
-    extern crate std;
-
-    impl Platform for FreeCounter {
-        fn alloc_pages(&self, _: usize) -> Result<NonNull<u8>, crate::PlatformError> {
-            unreachable!()
-        }
-        unsafe fn free_pages(&self, ptr: NonNull<u8>, count: usize) {
-            self.0.lock().unwrap().push((ptr.as_ptr() as usize, count));
-        }
-        fn virt_to_phys(&self, _: NonNull<u8>) -> crate::PhysAddr {
-            unreachable!()
-        }
-        fn cpu_count(&self) -> u32 {
-            unreachable!()
-        }
-        fn current_cpu(&self) -> CpuIndex {
-            unreachable!()
-        }
-        fn for_each_cpu(
-            &self,
-            _: &(dyn Fn(CpuIndex) -> Result<(), Error> + Sync),
-        ) -> Result<(), (CpuIndex, Error)> {
-            unreachable!()
-        }
-        fn log(&self, _: core::fmt::Arguments<'_>) {}
-        fn fatal(&self, _: &crate::FatalState) -> ! {
-            unreachable!()
-        }
-        fn host_cr3(&self) -> u64 {
-            unreachable!()
-        }
-        fn apic(&self) -> crate::ApicAccess {
-            unreachable!()
-        }
-    }
-
     #[test]
     fn cpus_still_marked_after_wake_are_reaped_and_status_is_exact() {
         // Two CPUs failed to leave VMX before sleep: their slots still hold (fake) blocks.
@@ -804,13 +766,13 @@ mod tests {
         CPUS[1000].store(a as *mut PerCpu, Ordering::Release);
         CPUS[1001].store(b as *mut PerCpu, Ordering::Release);
         assert_eq!(virtualized_count(), 2);
-        let platform = FreeCounter(std::sync::Mutex::new(std::vec::Vec::new()));
-        let mut logged = std::vec::Vec::new();
+        let platform = crate::platform::fake::FakeCpus::new(0);
+        let mut logged = crate::platform::fake::Log::new();
         let reaped = reap_dead(&platform, |cpu| logged.push(cpu.0));
         assert_eq!(reaped, 2);
         assert_eq!(logged, [1000, 1001]);
         assert_eq!(
-            *platform.0.lock().unwrap(),
+            *platform.freed.lock().unwrap(),
             [(a, PAGES_PER_CPU), (b, PAGES_PER_CPU)]
         );
         assert_eq!(virtualized_count(), 0, "status counts only live CPUs");

@@ -154,3 +154,79 @@ pub trait Platform: Sync {
         crate::intr::vector_policy::PolicyTable::ALL_REPLAY
     }
 }
+
+/// A host-test platform with `cpus` CPUs: `for_each_cpu` runs the closure on them in order and
+/// stops at the first error, as NT's loop does, and `free_pages` records what it was handed.
+/// Nothing else is ever called by the code under test.
+#[cfg(test)]
+pub(crate) mod fake {
+    extern crate std;
+
+    use super::{ApicAccess, CpuIndex, NonNull, Platform, PlatformError};
+    use crate::{Error, FatalState, PhysAddr};
+    use core::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    use std::vec::Vec;
+
+    /// A growable list for tests in the `no_std` crate.
+    pub(crate) type Log = Vec<u32>;
+
+    /// See the module.
+    pub(crate) struct FakeCpus {
+        cpus: u32,
+        current: AtomicU32,
+        /// `(address, page count)` of every `free_pages` call, in order.
+        pub(crate) freed: Mutex<Vec<(usize, usize)>>,
+    }
+
+    impl FakeCpus {
+        pub(crate) fn new(cpus: u32) -> FakeCpus {
+            FakeCpus {
+                cpus,
+                current: AtomicU32::new(0),
+                freed: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Platform for FakeCpus {
+        fn alloc_pages(&self, _: usize) -> Result<NonNull<u8>, PlatformError> {
+            unreachable!()
+        }
+        unsafe fn free_pages(&self, ptr: NonNull<u8>, count: usize) {
+            self.freed
+                .lock()
+                .unwrap()
+                .push((ptr.as_ptr() as usize, count));
+        }
+        fn virt_to_phys(&self, _: NonNull<u8>) -> PhysAddr {
+            unreachable!()
+        }
+        fn cpu_count(&self) -> u32 {
+            self.cpus
+        }
+        fn current_cpu(&self) -> CpuIndex {
+            CpuIndex(self.current.load(Ordering::Relaxed))
+        }
+        fn for_each_cpu(
+            &self,
+            f: &(dyn Fn(CpuIndex) -> Result<(), Error> + Sync),
+        ) -> Result<(), (CpuIndex, Error)> {
+            for i in 0..self.cpus {
+                self.current.store(i, Ordering::Relaxed);
+                f(CpuIndex(i)).map_err(|e| (CpuIndex(i), e))?;
+            }
+            Ok(())
+        }
+        fn log(&self, _: core::fmt::Arguments<'_>) {}
+        fn fatal(&self, _: &FatalState) -> ! {
+            unreachable!()
+        }
+        fn host_cr3(&self) -> u64 {
+            unreachable!()
+        }
+        fn apic(&self) -> ApicAccess {
+            unreachable!()
+        }
+    }
+}

@@ -197,51 +197,11 @@ mod tests {
         assert_eq!(t.first_failure, Some((CpuIndex(1), Error::Busy)));
     }
 
-    extern crate std;
     use core::sync::atomic::AtomicU32;
-
-    /// Runs the closure on CPUs 0..4 in order, stopping at the first error as NT's loop does.
-    struct FourCpus(AtomicU32);
-
-    impl Platform for FourCpus {
-        fn alloc_pages(&self, _: usize) -> Result<core::ptr::NonNull<u8>, crate::PlatformError> {
-            unreachable!()
-        }
-        unsafe fn free_pages(&self, _: core::ptr::NonNull<u8>, _: usize) {}
-        fn virt_to_phys(&self, _: core::ptr::NonNull<u8>) -> crate::PhysAddr {
-            unreachable!()
-        }
-        fn cpu_count(&self) -> u32 {
-            4
-        }
-        fn current_cpu(&self) -> CpuIndex {
-            CpuIndex(self.0.load(Ordering::Relaxed))
-        }
-        fn for_each_cpu(
-            &self,
-            f: &(dyn Fn(CpuIndex) -> Result<(), Error> + Sync),
-        ) -> Result<(), (CpuIndex, Error)> {
-            for i in 0..4 {
-                self.0.store(i, Ordering::Relaxed);
-                f(CpuIndex(i)).map_err(|e| (CpuIndex(i), e))?;
-            }
-            Ok(())
-        }
-        fn log(&self, _: core::fmt::Arguments<'_>) {}
-        fn fatal(&self, _: &crate::FatalState) -> ! {
-            unreachable!()
-        }
-        fn host_cr3(&self) -> u64 {
-            unreachable!()
-        }
-        fn apic(&self) -> crate::ApicAccess {
-            unreachable!()
-        }
-    }
 
     #[test]
     fn a_cpu_that_cannot_leave_does_not_stop_the_others() {
-        let platform = FourCpus(AtomicU32::new(0));
+        let platform = crate::platform::fake::FakeCpus::new(4);
         let tried = AtomicU32::new(0);
         let (tally, unreachable) = leave_every_cpu(&platform, &|| {
             tried.fetch_add(1, Ordering::Relaxed);
