@@ -37,6 +37,25 @@ use std::time::{Duration, Instant};
 /// CPU models every scenario runs on.
 pub const MODELS: [&str; 2] = ["corei7_haswell_4770", "corei7_skylake_x"];
 
+/// One `#[test]` per scenario function and CPU model (the two in [`MODELS`]): each named
+/// function `fn(model: &str)` gets a module of its own holding one test per model, so a failure
+/// names both.
+#[macro_export]
+macro_rules! per_model {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn corei7_haswell_4770() {
+                super::$test("corei7_haswell_4770");
+            }
+            #[test]
+            fn corei7_skylake_x() {
+                super::$test("corei7_skylake_x");
+            }
+        }
+    )*};
+}
+
 /// Offset of the params sector in the image (sector 1, linked at 0x7E00).
 const PARAMS_OFFSET: usize = 512;
 const PARAMS_MAGIC: &[u8] = b"ACKPARAMS";

@@ -865,22 +865,7 @@ fn malformed_input_gets_errors_and_the_link_keeps_serving(model: &str) {
     judge_books(&out, 2, 1000);
 }
 
-macro_rules! per_model {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn corei7_haswell_4770() {
-                super::$test("corei7_haswell_4770");
-            }
-            #[test]
-            fn corei7_skylake_x() {
-                super::$test("corei7_skylake_x");
-            }
-        }
-    )*};
-}
-
-per_model!(
+ackvisor_runner::per_model!(
     ackctl_switches_every_mode_on_every_cpu,
     soak_hundred_flips_lose_nothing,
     malformed_input_gets_errors_and_the_link_keeps_serving,

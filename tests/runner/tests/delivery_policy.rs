@@ -108,22 +108,7 @@ fn clock_reaches_the_guest_at_its_true_irql(model: &str) {
     });
 }
 
-macro_rules! per_model {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[test]
-            fn corei7_haswell_4770() {
-                super::$scenario("corei7_haswell_4770");
-            }
-            #[test]
-            fn corei7_skylake_x() {
-                super::$scenario("corei7_skylake_x");
-            }
-        }
-    )*};
-}
-
-per_model!(
+ackvisor_runner::per_model!(
     misdirected_eoi_delivers_every_acknowledge,
     clock_reaches_the_guest_at_its_true_irql,
 );

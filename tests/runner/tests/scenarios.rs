@@ -363,22 +363,7 @@ fn modes_without_stats_deliver_each_interrupt_once(model: &str) {
     v.finish();
 }
 
-macro_rules! per_model {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[test]
-            fn corei7_haswell_4770() {
-                super::$scenario("corei7_haswell_4770");
-            }
-            #[test]
-            fn corei7_skylake_x() {
-                super::$scenario("corei7_skylake_x");
-            }
-        }
-    )*};
-}
-
-per_model!(
+ackvisor_runner::per_model!(
     boot_counts_every_interrupt_natively,
     every_mode_delivers_each_interrupt_once,
     ack_replay_exits_once_and_replays_in_root,
