@@ -7,6 +7,9 @@
 //! rounds, so a mode change from `ackctl` (`set_mode_all` → `Platform::for_each_cpu`) reaches
 //! every CPU while its interrupts arrive.
 //!
+//! With the [`Backend::Driver`] (scenario `nt-serve`, `ntos::serve`), the requests go to the real
+//! ackvisor.sys as IRPs instead, and only the BSP runs the workload (see [`serve_session`]).
+//!
 //! Besides frames, the link carries one word for the runner: [`FINISH`], the machine's power
 //! button. On it every CPU finishes its rounds (at least `min_rounds`), stops its sources, the
 //! team drains, each CPU closes its books (raised == handled per vector, LAPIC ISR empty), and
@@ -15,7 +18,7 @@
 //! **Runs in:** PASSIVE (the BSP's server; the APs' loop).
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use ackvisor_vmm::control::Live;
 use ackvisor_vmm::control::frame;
@@ -28,7 +31,7 @@ use crate::params::Params;
 use crate::percpu::{CPUS, MAX_CPUS, online_count, this_cpu};
 use crate::report::Line;
 use crate::workload::{self, Barrier, Shape, Tally};
-use crate::{arch, smp, uart};
+use crate::{arch, interrupts, smp, uart};
 
 /// The runner's "finish" word (not a frame: the frame decoder would call it garbage).
 pub const FINISH: &[u8] = b"ACK!FINISH";
@@ -112,6 +115,27 @@ static SERVER: BspOnly = BspOnly(UnsafeCell::new(Server {
 /// Set once the runner pressed the power button.
 static FINISHING: AtomicBool = AtomicBool::new(false);
 
+/// What answers the requests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The test kernel's own core (`control::Live`), virtualized by the scenario.
+    Core = 0,
+    /// The real ackvisor.sys, loaded by the miniature NT: each request becomes IRPs
+    /// (`ntos::serve`).
+    Driver = 1,
+}
+
+/// The session's [`Backend`] (`Backend as u8`).
+static BACKEND: AtomicU8 = AtomicU8::new(Backend::Core as u8);
+
+fn backend() -> Backend {
+    if BACKEND.load(Ordering::Acquire) == Backend::Driver as u8 {
+        Backend::Driver
+    } else {
+        Backend::Core
+    }
+}
+
 impl Server {
     fn consume(&mut self, n: usize) {
         let n = n.min(self.rx_len);
@@ -172,7 +196,12 @@ impl Server {
             }
             let waiting_for_finish = !rx.is_empty() && FINISH.starts_with(rx);
             if !waiting_for_finish {
-                let s = serve(&Live, rx, &mut self.tx, MAX_REQUEST_PAYLOAD);
+                let s = match backend() {
+                    Backend::Core => serve(&Live, rx, &mut self.tx, MAX_REQUEST_PAYLOAD),
+                    Backend::Driver => {
+                        crate::ntos::serve::serve(rx, &mut self.tx, MAX_REQUEST_PAYLOAD)
+                    }
+                };
                 self.count(s.event);
                 self.consume(s.consumed);
                 if s.reply_len > 0 {
@@ -273,13 +302,36 @@ fn serve_part(poll: &mut dyn FnMut()) {
     let index = cpu.index.load(Ordering::Relaxed) as usize;
     ROUNDS[index].store(rounds, Ordering::Release);
     // The core's counters of this CPU since the serve run began (unless a client reset them):
-    // its books are compared with the machine's in the RESULT lines.
-    let core = hypervisor::cpu_state(CpuIndex(index as u32)).map(|s| s.stats);
+    // its books are compared with the machine's in the RESULT lines. With the driver the
+    // kernel's own core does not run (its fields stay 0); the image's counters are compared
+    // with the machine's by `ntos::serve` after the session.
+    let core = match backend() {
+        Backend::Core => hypervisor::cpu_state(CpuIndex(index as u32)).map(|s| s.stats),
+        Backend::Driver => None,
+    };
     workload::publish(Tally::of(cpu, core.as_ref(), drained));
     TALLIED.wait(shape.team, poll);
     if !was_enabled {
         arch::cli();
     }
+}
+
+/// Runs `f` (a client's statistics reset, with the driver backend) with this CPU's books
+/// restarted just before it: the clock stopped, every raised interrupt run, the machine's
+/// counts zeroed, then `f`, then the clock re-armed if it was running. So the machine's tallies
+/// and the image's counters start together again and can be compared at the end. Returns what
+/// `f` returned and whether the workload drained.
+pub fn with_books_restarted<R>(f: impl FnOnce() -> R) -> (R, bool) {
+    let cpu = this_cpu();
+    let clock_was_on = cpu.clock_on.load(Ordering::Relaxed);
+    interrupts::clock_stop();
+    let drained = workload::drain();
+    cpu.counts.reset();
+    let r = f();
+    if clock_was_on {
+        interrupts::clock_start(SHAPE[0].load(Ordering::Acquire));
+    }
+    (r, drained)
 }
 
 /// An AP's share of the serve workload, from its idle loop.
@@ -304,6 +356,15 @@ fn virtualized_cpus() -> (u32, Option<Mode>, bool) {
     (count, first, agree)
 }
 
+/// The virtualized CPUs, the first one's mode and whether all agree, as the backend sees them
+/// (the image through its status IOCTL; a failed request counts none).
+fn backend_status() -> (u32, Option<Mode>, bool) {
+    match backend() {
+        Backend::Core => virtualized_cpus(),
+        Backend::Driver => crate::ntos::serve::image_status().unwrap_or((0, None, false)),
+    }
+}
+
 /// The `serve` scenario (see the module docs).
 pub fn serve_scenario(p: &Params) {
     let name = "serve";
@@ -311,13 +372,42 @@ pub fn serve_scenario(p: &Params) {
     if !crate::scenarios::virtualize(name, mode) {
         return;
     }
+    serve_session(p, Backend::Core);
+    crate::scenarios::devirtualize(name);
+}
+
+/// The serve session with the hypervisor already loaded: the workload and the server until the
+/// runner's finish word, then the books (`RESULT serve-cpu` per workload CPU, `RESULT serve`).
+///
+/// With [`Backend::Core`] every online CPU runs the workload. With [`Backend::Driver`] only the
+/// BSP does (team of one, no cross-CPU IPIs): the APs stay in their idle loop, where the
+/// miniature NT's scheduler runs the image's threads (a thread the image moves to an AP by
+/// affinity must find that AP there, not in a workload loop); every CPU's mode is still seen
+/// through the image's status.
+pub fn serve_session(p: &Params, backend: Backend) {
+    let name = "serve";
+    BACKEND.store(backend as u8, Ordering::Release);
     uart::init();
-    let team = online_count();
-    for cpu in CPUS.iter().filter(|c| c.online.load(Ordering::Acquire)) {
+    let online = online_count();
+    let team = match backend {
+        Backend::Core => online,
+        Backend::Driver => 1,
+    };
+    for cpu in CPUS
+        .iter()
+        .take(team as usize)
+        .filter(|c| c.online.load(Ordering::Acquire))
+    {
         cpu.counts.reset();
     }
     // Both books start together: nothing is outstanding before the workload starts.
-    hypervisor::reset_stats();
+    let stats_reset = match backend {
+        Backend::Core => {
+            hypervisor::reset_stats();
+            true
+        }
+        Backend::Driver => crate::ntos::serve::reset_image_stats(),
+    };
     for (slot, v) in SHAPE
         .iter()
         .zip([p.clock_period, p.stretch, team, p.min_rounds, p.cross])
@@ -325,18 +415,21 @@ pub fn serve_scenario(p: &Params) {
         slot.store(v, Ordering::Release);
     }
     FINISHING.store(false, Ordering::Release);
-    for (i, cpu) in CPUS.iter().enumerate().skip(1) {
+    for (i, cpu) in CPUS.iter().enumerate().take(team as usize).skip(1) {
         if cpu.online.load(Ordering::Acquire) {
             SERVE_REQUEST[i].store(true, Ordering::Release);
             smp::wake(cpu);
         }
     }
-    let (virtualized, mode_now, _) = virtualized_cpus();
+    let (virtualized, mode_now, _) = backend_status();
     Line::new("serve-ready")
-        .kv("cpus", team)
+        .kv("cpus", online)
+        .kv("team", team)
+        .kv("driver", u8::from(backend == Backend::Driver))
         .kv("virtualized", virtualized)
         .kv("mode", mode_now.map_or("none", Mode::name))
         .kv("stats", u8::from(ackvisor_vmm::stats::ENABLED))
+        .kv("stats_reset", u8::from(stats_reset))
         .print();
 
     serve_part(&mut || server().poll());
@@ -345,12 +438,13 @@ pub fn serve_scenario(p: &Params) {
         server().poll();
     }
 
-    let (virtualized, mode_now, agree) = virtualized_cpus();
+    let (virtualized, mode_now, agree) = backend_status();
     let mut total = Tally::ZERO;
     let mut min_rounds = u32::MAX;
     for (i, _) in CPUS
         .iter()
         .enumerate()
+        .take(team as usize)
         .filter(|(_, c)| c.online.load(Ordering::Acquire))
     {
         let t = workload::published(i);
@@ -365,7 +459,8 @@ pub fn serve_scenario(p: &Params) {
     let c = server().counts;
     let mut l = Line::new(name);
     l.kv("summary", 1)
-        .kv("cpus", team)
+        .kv("cpus", online)
+        .kv("team", team)
         .kv("virtualized", virtualized)
         .kv("modes_agree", u8::from(agree))
         .kv("mode", mode_now.map_or("none", Mode::name))
@@ -382,5 +477,4 @@ pub fn serve_scenario(p: &Params) {
         .kv("tx_bytes", c.tx_bytes);
     total.write(&mut l);
     l.print();
-    crate::scenarios::devirtualize(name);
 }

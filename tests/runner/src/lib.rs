@@ -22,6 +22,7 @@ pub mod driver;
 pub mod modes;
 pub mod relay;
 pub mod rootcode;
+pub mod serve_driver;
 pub mod trace;
 
 use std::collections::{BTreeMap, HashMap};
@@ -850,6 +851,11 @@ impl<'a> Verdict<'a> {
             ));
         }
         self
+    }
+
+    /// The failures recorded so far.
+    pub fn failures(&self) -> &[String] {
+        &self.failures
     }
 
     /// Panics with every failure, the run's directory and the console's tail.

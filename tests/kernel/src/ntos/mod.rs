@@ -10,7 +10,9 @@
 //!
 //! Scenario `nt-load` loads the image and reports what the load did; a broken image gets a
 //! `fatal=1` line naming the fault. Scenario `nt-driver` (`driver`) takes the image through
-//! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload.
+//! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload. Scenario
+//! `nt-serve` (`serve`) lets `ackctl` drive the image: the COM1 server wraps each request as
+//! the IRPs NT would send.
 //!
 //! **Runs in:** PASSIVE, BSP.
 
@@ -24,6 +26,7 @@ pub mod loader;
 pub mod malformed;
 pub mod quirks;
 pub mod routines;
+pub mod serve;
 pub mod threads;
 
 use core::cell::UnsafeCell;

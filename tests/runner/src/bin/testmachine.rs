@@ -7,11 +7,16 @@
 //!   `ackctl --machine localhost:PORT ...` line to use from another terminal; runs until Ctrl-C
 //!   or SECS seconds, then closes the machine's books and prints them;
 //! - `--demo`: the same machine, driven by the real `ackctl` binary: every mode in turn, its
-//!   `ackctl stats` table, then the machine's own books, then power off.
+//!   `ackctl stats` table, then the machine's own books, then power off;
+//! - `--driver` (with `--serve` or `--demo`): the real ackvisor.sys instead of the kernel's own
+//!   core: the runner puts the image on the disk, the machine's miniature NT calls its
+//!   DriverEntry, every `ackctl` request reaches it as IRP_MJ_CREATE, IRP_MJ_DEVICE_CONTROL and
+//!   IRP_MJ_CLOSE, and at the end DriverUnload runs and the verifier's books are judged (the
+//!   command fails when they are not clean).
 
 use std::time::{Duration, Instant};
 
-use ackvisor_runner::{MODELS, Machine, RunSpec, ackctl, run, start};
+use ackvisor_runner::{MODELS, Machine, RunSpec, Verdict, ackctl, run, serve_driver, start};
 
 enum What {
     Scenario,
@@ -24,6 +29,7 @@ fn main() {
     let mut what = What::Scenario;
     let mut cpus = None;
     let mut secs = None;
+    let mut driver = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -59,6 +65,7 @@ fn main() {
                 secs = Some(Duration::from_secs_f64(s));
             }
             "--demo" => what = What::Demo,
+            "--driver" => driver = true,
             "--no-stats" => spec.stats = false,
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
@@ -68,15 +75,33 @@ fn main() {
         *limit = Some(s);
     }
     match what {
+        What::Scenario if driver => usage("--driver goes with --serve or --demo"),
         What::Scenario => scenario(&spec),
-        What::Serve(limit) => serve(serve_spec(&spec, cpus), limit),
-        What::Demo => demo(serve_spec(&spec, cpus)),
+        What::Serve(limit) => serve(serve_spec(&spec, cpus, driver), limit),
+        What::Demo => demo(serve_spec(&spec, cpus, driver)),
     }
 }
 
-/// The serve machine: the model, stats choice and extra params of `spec`, 2 CPUs by default.
-fn serve_spec(spec: &RunSpec, cpus: Option<u32>) -> RunSpec {
-    let mut s = RunSpec::serve(&spec.model, cpus.unwrap_or(2), 0);
+/// The serve machine: the model, stats choice and extra params of `spec`, 2 CPUs by default
+/// (with the driver, [`serve_driver::CPUS`]).
+fn serve_spec(spec: &RunSpec, cpus: Option<u32>, driver: bool) -> RunSpec {
+    let mut s = if driver {
+        let n = match cpus {
+            Some(n) if n > serve_driver::CPUS => {
+                eprintln!(
+                    "testmachine: --driver runs on {} CPU, not {n}: {}.",
+                    serve_driver::CPUS,
+                    serve_driver::WHY_ONE_CPU
+                );
+                serve_driver::CPUS
+            }
+            Some(n) => n,
+            None => serve_driver::CPUS,
+        };
+        serve_driver::spec(&spec.model, n, 0)
+    } else {
+        RunSpec::serve(&spec.model, cpus.unwrap_or(2), 0)
+    };
     s.stats = spec.stats;
     for (k, v) in &spec.params {
         if !matches!(k.as_str(), "scenario" | "smp" | "rounds") {
@@ -128,7 +153,8 @@ fn boot(spec: &RunSpec) -> (Machine, String) {
     (m, addr)
 }
 
-/// Closes the books, prints the machine's final lines.
+/// Closes the books, prints the machine's final lines; with the driver, judges its books and
+/// the verifier's after DriverUnload.
 fn finish(m: Machine) {
     if let Err(e) = m.finish() {
         fail(&e);
@@ -142,7 +168,29 @@ fn finish(m: Machine) {
     {
         println!("{}", l.raw);
     }
+    let driver = out.spec.scenario() == serve_driver::SCENARIO;
+    if driver {
+        println!("--- DriverUnload ran; the verifier's books (all must be 0):");
+        for l in out
+            .results
+            .iter()
+            .filter(|l| l.scenario == serve_driver::SCENARIO && l.get("end").is_none())
+        {
+            println!("{}", l.raw);
+        }
+    }
     println!("--- run directory {}", out.out_dir.display());
+    if driver {
+        let mut v = Verdict::new(&out);
+        serve_driver::judge(&mut v, &out, u64::from(out.spec.cpus), 1);
+        if !v.failures().is_empty() {
+            fail(&format!(
+                "the books are not clean:\n  {}",
+                v.failures().join("\n  ")
+            ));
+        }
+        println!("--- books clean: nothing lost, nothing leaked, every IRP completed once");
+    }
 }
 
 fn serve(spec: RunSpec, limit: Option<Duration>) {
@@ -150,10 +198,18 @@ fn serve(spec: RunSpec, limit: Option<Duration>) {
     let ackctl_path = ackctl::binary()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ackctl".into());
-    println!(
-        "test machine up: {} CPUs of {}, hypervisor loaded, interrupts flowing on every CPU.",
-        spec.cpus, spec.model
-    );
+    if spec.scenario() == serve_driver::SCENARIO {
+        println!(
+            "test machine up: {} CPU of {}, the real ackvisor.sys loaded (DriverEntry ran), \
+             interrupts flowing; each ackctl request reaches the image as IRPs.",
+            spec.cpus, spec.model
+        );
+    } else {
+        println!(
+            "test machine up: {} CPUs of {}, hypervisor loaded, interrupts flowing on every CPU.",
+            spec.cpus, spec.model
+        );
+    }
     println!("From another terminal:");
     println!("  {ackctl_path} --machine {addr} status");
     println!("  {ackctl_path} --machine {addr} mode exit-sti");
@@ -219,7 +275,8 @@ fn usage(problem: &str) -> ! {
         "usage: testmachine [--model M] [--cpus N] [--no-stats] [--param key=value]...\n\
          \x20      [--scenario demo|modes|boot|vmcall|cycles|rejected|bench|misdirected-eoi]   run one scenario (default demo)\n\
          \x20      --serve [--for SECS]   keep the machine running for ackctl --machine (2 CPUs by default)\n\
-         \x20      --demo                 flip every mode with the real ackctl and print its tables"
+         \x20      --demo                 flip every mode with the real ackctl and print its tables\n\
+         \x20      --driver               with --serve or --demo: the real ackvisor.sys answers, as IRPs (1 CPU)"
     );
     std::process::exit(2)
 }

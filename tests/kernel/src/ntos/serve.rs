@@ -1,0 +1,538 @@
+//! Scenario `nt-serve`: `ackctl` drives the real ackvisor.sys. The image is loaded and its
+//! DriverEntry called as in `nt-driver`; then the test machine's COM1 server (`control`) runs
+//! its serve session, but each request frame is answered the way NT answers `ackctl`'s Windows
+//! side (`client/src/transport/device.rs`): `CreateFileW(\\.\Ackvisor)` is an IRP_MJ_CREATE,
+//! `DeviceIoControl` an IRP_MJ_DEVICE_CONTROL (METHOD_BUFFERED: one SystemBuffer, the input
+//! copied in, the IOCTL code and both lengths in the stack location), `CloseHandle` an
+//! IRP_MJ_CLOSE, each sent to the image's `MajorFunction` through `io::send` (which books every
+//! completion). The reply is built from `IoStatus` as the I/O manager and the Windows client
+//! would see it ([`reply_of`]). When the runner presses the power button, the session closes
+//! the machine's books, then DriverUnload runs and the verifier's books are printed.
+//!
+//! Simplifications, each named where it is made:
+//! - one open/close per request: ackctl on Windows opens the device once per command and sends
+//!   its requests on that handle; here each frame is a command of its own, so the file books
+//!   (`creates`, `closes`) count one of each per request;
+//! - the I/O manager's own checks before the dispatch routine (the handle's access rights for
+//!   the code's `RequiredAccess`) are not made: the test machine's link has one user.
+//!
+//! **Runs in:** PASSIVE, BSP (the serve session's poll).
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+use ackvisor_vmm::Mode;
+use ackvisor_vmm::control::Request;
+use ackvisor_vmm::control::frame::{self, Decoded, FrameError, Kind};
+use ackvisor_vmm::control::serve::{MIN_REPLY_BUFFER, ServeEvent, Served};
+use ackvisor_vmm::control::wire::{
+    self, CpuModeEntry, CpuStats, ERROR_MAGIC, ErrorReply, Field, SetModeReply, StatsReply,
+    StatusReply,
+};
+use ackvisor_vmm::stats::Snapshot;
+
+use super::io;
+use super::layout::DRIVER_OBJECT;
+use crate::params::Params;
+use crate::percpu::MAX_CPUS;
+use crate::report::Line;
+
+const NAME: &str = "nt-serve";
+
+/// The image's driver object while the session runs (null before DriverEntry succeeded).
+static DRIVER: AtomicPtr<DRIVER_OBJECT> = AtomicPtr::new(core::ptr::null_mut());
+
+/// IRP_MJ_CREATEs the image completed with success: file objects opened.
+pub static CREATES: AtomicU64 = AtomicU64::new(0);
+/// IRP_MJ_CLOSEs sent: file objects closed. Equal to [`CREATES`] at the end, or a handle leaked.
+pub static CLOSES: AtomicU64 = AtomicU64::new(0);
+/// IRP_MJ_DEVICE_CONTROLs sent.
+pub static DEVICE_CONTROLS: AtomicU64 = AtomicU64::new(0);
+/// Client requests that completed with an NTSTATUS outside the protocol's convention (neither
+/// success nor ackvisor's facility): answered with that NTSTATUS and no body.
+pub static FOREIGN_STATUSES: AtomicU64 = AtomicU64::new(0);
+/// Statistics resets the clients asked for and the image did. Each restarts the machine's
+/// books with the image's (`control::with_books_restarted`).
+pub static CLIENT_RESETS: AtomicU64 = AtomicU64::new(0);
+/// Client resets during which the workload did not drain (the books then do not restart
+/// together).
+pub static UNDRAINED_RESETS: AtomicU64 = AtomicU64::new(0);
+
+/// The image's mode as the last successful set-mode request left it (`Mode as u32`;
+/// [`NO_MODE`] before the first).
+static MODE: AtomicU32 = AtomicU32::new(NO_MODE);
+const NO_MODE: u32 = u32::MAX;
+/// The mode has not changed since the books last started (the session's start or a client's
+/// reset): the image's counters then all come from that one mode.
+static STEADY: AtomicBool = AtomicBool::new(false);
+
+/// `NT_SUCCESS`: severity success or informational.
+const fn nt_success(status: i32) -> bool {
+    status >= 0
+}
+
+/// Warning severity (bits 31:30 = 2): METHOD_BUFFERED still copies `Information` bytes back.
+const fn nt_warning(status: i32) -> bool {
+    (status as u32) >> 30 == 2
+}
+
+/// One request as `ackctl` on Windows makes it: open the device, one DeviceIoControl, close.
+/// The status and `Information` of the DeviceIoControl (or of the CREATE that failed); the reply
+/// is in `output` up to `Information` bytes. None when the image has no dispatch routine for a
+/// major function (or the lengths exceed the system buffer). A client's statistics reset
+/// restarts the machine's books with it.
+fn request(code: u32, input: &[u8], output: &mut [u8], client: bool) -> Option<io::Outcome> {
+    let driver = DRIVER.load(Ordering::Acquire);
+    if driver.is_null() {
+        return None;
+    }
+    let create = io::send(driver, io::IRP_MJ_CREATE, 0, &[], &mut [])?;
+    if !nt_success(create.status) {
+        // CreateFileW fails: no handle, nothing to send or close.
+        return Some(create);
+    }
+    CREATES.fetch_add(1, Ordering::AcqRel);
+    DEVICE_CONTROLS.fetch_add(1, Ordering::AcqRel);
+    let mut send = || io::send(driver, io::IRP_MJ_DEVICE_CONTROL, code, input, output);
+    let outcome = if client && code == wire::IOCTL_RESET_STATS {
+        let (outcome, drained) = crate::control::with_books_restarted(send);
+        if outcome.is_some_and(|o| o.status == 0) {
+            CLIENT_RESETS.fetch_add(1, Ordering::AcqRel);
+            STEADY.store(true, Ordering::Release);
+            if !drained {
+                UNDRAINED_RESETS.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        outcome
+    } else {
+        send()
+    };
+    CLOSES.fetch_add(1, Ordering::AcqRel);
+    // The close's status is not the caller's business (CloseHandle on a device succeeds); its
+    // completion is booked by `io` like every other.
+    let _ = io::send(driver, io::IRP_MJ_CLOSE, 0, &[], &mut []);
+    if let Some(o) = outcome
+        && code == wire::IOCTL_SET_MODE
+        && o.status == 0
+        && let Some(reply) = output.get(..o.information.min(output.len()))
+        && let Some(r) = SetModeReply::decode(reply)
+        && MODE.swap(r.mode, Ordering::AcqRel) != r.mode
+    {
+        STEADY.store(false, Ordering::Release);
+    }
+    outcome
+}
+
+/// What goes on the wire for one completed request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WireReply {
+    /// The response's status word (0 = success).
+    status: u32,
+    /// Bytes of the output buffer that form the body.
+    body: usize,
+    /// The body is an [`ErrorReply`] the server writes itself (the image's had no room).
+    synthesized: bool,
+    /// The NTSTATUS is outside the protocol's convention.
+    foreign: bool,
+}
+
+/// The reply from `IoStatus`, as `ackctl`'s Windows side receives it:
+/// - success: `Information` bytes of the output buffer, never more than the buffer holds;
+/// - ackvisor's warning status (`wire::nt_warning`): METHOD_BUFFERED copied `Information` bytes,
+///   the image's [`ErrorReply`]; the protocol status is the NTSTATUS's code;
+/// - ackvisor's error status (`wire::nt_error`): nothing copied; the client knows only the code
+///   (from `GetLastError`), so the reply is an [`ErrorReply`] of that code without arguments,
+///   as `DeviceTransport` builds it;
+/// - any other NTSTATUS: that status as the response's status word, no body (ackctl reports a
+///   reply it cannot read; on Windows it would report the OS error).
+fn reply_of(status: i32, information: usize, output_len: usize) -> WireReply {
+    let copied = information.min(output_len);
+    if status == 0 {
+        return WireReply {
+            status: 0,
+            body: copied,
+            synthesized: false,
+            foreign: false,
+        };
+    }
+    match wire::status_from_win32(status as u32) {
+        Some(code) if nt_warning(status) => WireReply {
+            status: code,
+            body: copied,
+            synthesized: false,
+            foreign: false,
+        },
+        Some(code) => WireReply {
+            status: code,
+            body: ErrorReply::SIZE,
+            synthesized: true,
+            foreign: false,
+        },
+        None => WireReply {
+            status: status as u32,
+            body: 0,
+            synthesized: false,
+            foreign: true,
+        },
+    }
+}
+
+/// [`control::serve::serve`](ackvisor_vmm::control::serve::serve) with the image behind it:
+/// decodes the frame at the front of `received` and writes the answer into `reply` (a NAK for a
+/// broken frame, exactly as the core's server does; a response built from the IRPs for a
+/// request).
+pub fn serve(received: &[u8], reply: &mut [u8], max_request_payload: usize) -> Served {
+    match frame::decode(received, max_request_payload) {
+        Decoded::Incomplete => Served {
+            consumed: 0,
+            reply_len: 0,
+            event: ServeEvent::Idle,
+        },
+        Decoded::Rejected {
+            error: error @ FrameError::Garbage { .. },
+            skip,
+            ..
+        } => Served {
+            consumed: skip,
+            reply_len: 0,
+            event: ServeEvent::Discarded(error),
+        },
+        Decoded::Rejected { error, seq, skip } => nak(seq.unwrap_or(0), error, skip, reply),
+        Decoded::Frame { frame, used } => {
+            if frame.kind != Kind::Request {
+                let error = FrameError::UnexpectedKind {
+                    kind: frame.kind as u16,
+                };
+                return nak(frame.seq, error, used, reply);
+            }
+            match frame::request_parts(frame.payload) {
+                Ok((code, capacity, input)) => {
+                    answer(frame.seq, code, capacity, input, used, reply)
+                }
+                Err(error) => nak(frame.seq, error, used, reply),
+            }
+        }
+    }
+}
+
+fn nak(seq: u16, error: FrameError, consumed: usize, reply: &mut [u8]) -> Served {
+    match frame::encode_nak(seq, error, reply) {
+        Ok(reply_len) => Served {
+            consumed,
+            reply_len,
+            event: ServeEvent::Nak(error),
+        },
+        Err(e) => Served {
+            consumed,
+            reply_len: 0,
+            event: ServeEvent::ReplyBufferTooSmall(e),
+        },
+    }
+}
+
+fn too_small(consumed: usize, got: usize) -> Served {
+    let saturate = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Served {
+        consumed,
+        reply_len: 0,
+        event: ServeEvent::ReplyBufferTooSmall(FrameError::BufferTooSmall {
+            needed: saturate(MIN_REPLY_BUFFER),
+            got: saturate(got),
+        }),
+    }
+}
+
+/// One request through the image. The output buffer is what `DeviceTransport::call` passes:
+/// the client's capacity, but always room for an [`ErrorReply`] (so a refusal arrives with its
+/// arguments); bounded by the server's reply buffer and the system buffer.
+fn answer(
+    seq: u16,
+    code: u32,
+    capacity: u32,
+    input: &[u8],
+    consumed: usize,
+    reply: &mut [u8],
+) -> Served {
+    let reply_buffer_len = reply.len();
+    let payload = frame::payload_mut(reply);
+    let Some((status_slot, body)) = payload.split_at_mut_checked(frame::RESPONSE_PREFIX) else {
+        return too_small(consumed, reply_buffer_len);
+    };
+    let output_len = (capacity as usize)
+        .max(ErrorReply::SIZE)
+        .min(body.len())
+        .min(io::BUFFER_BYTES);
+    let Some(output) = body.get_mut(..output_len) else {
+        return too_small(consumed, reply_buffer_len);
+    };
+    let wire_reply = match request(code, input, output, true) {
+        Some(o) => reply_of(o.status, o.information, output_len),
+        // No dispatch routine: NT fails the open with STATUS_INVALID_DEVICE_REQUEST.
+        None => reply_of(STATUS_INVALID_DEVICE_REQUEST, 0, output_len),
+    };
+    if wire_reply.synthesized {
+        let error = ErrorReply {
+            magic: ERROR_MAGIC,
+            status: wire_reply.status,
+            arg0: 0,
+            arg1: 0,
+            arg2: 0,
+            reserved: 0,
+        };
+        if error.encode(body).is_none() {
+            return too_small(consumed, reply_buffer_len);
+        }
+    }
+    if wire_reply.foreign {
+        FOREIGN_STATUSES.fetch_add(1, Ordering::AcqRel);
+    }
+    if wire_reply.status.encode(status_slot).is_none() {
+        return too_small(consumed, reply_buffer_len);
+    }
+    match frame::seal(
+        Kind::Response,
+        seq,
+        reply,
+        frame::RESPONSE_PREFIX + wire_reply.body,
+    ) {
+        Ok(reply_len) => Served {
+            consumed,
+            reply_len,
+            event: ServeEvent::Answered {
+                code,
+                status: wire_reply.status,
+            },
+        },
+        Err(e) => Served {
+            consumed,
+            reply_len: 0,
+            event: ServeEvent::ReplyBufferTooSmall(e),
+        },
+    }
+}
+
+/// `STATUS_INVALID_DEVICE_REQUEST`.
+const STATUS_INVALID_DEVICE_REQUEST: i32 = 0xC000_0010_u32 as i32;
+
+/// The kernel's own requests' output (the session's status and statistics reads).
+struct Out(UnsafeCell<[u8; io::BUFFER_BYTES]>);
+// SAFETY: used by the BSP's session only, one request at a time.
+unsafe impl Sync for Out {}
+static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
+
+/// A request of the kernel's own (opened and closed like a client's); the reply bytes on
+/// success.
+fn own_request(req: Request, out_len: usize) -> Option<&'static [u8]> {
+    let (input, n) = req.encode();
+    // SAFETY: the only reference to OUT while this request runs (see `Out`); the returned
+    // borrow is dropped before the next own request (each caller decodes it at once).
+    let out = unsafe { &mut *OUT.0.get() };
+    let out = out.get_mut(..out_len)?;
+    let o = request(req.code(), input.get(..n)?, out, false)?;
+    (o.status == 0).then(|| &out[..o.information.min(out_len)])
+}
+
+/// The image's status: virtualized CPUs, the first CPU's mode, and whether every virtualized
+/// CPU is in that mode. None when the request failed.
+pub fn image_status() -> Option<(u32, Option<Mode>, bool)> {
+    let reply = own_request(
+        Request::Status,
+        StatusReply::SIZE + MAX_CPUS * CpuModeEntry::SIZE,
+    )?;
+    let (status, mut rest) = StatusReply::decode_prefix(reply)?;
+    let mut first = None;
+    let mut agree = true;
+    for _ in 0..status.cpu_count {
+        let (entry, tail) = CpuModeEntry::decode_prefix(rest)?;
+        rest = tail;
+        if let Ok(mode) = Mode::try_from(entry.mode) {
+            match first {
+                None => first = Some(mode),
+                Some(m) => agree &= m == mode,
+            }
+        }
+    }
+    Some((status.virtualized_count, first, agree))
+}
+
+/// Zeroes the image's statistics (the session's start: both books start together).
+pub fn reset_image_stats() -> bool {
+    let done = own_request(Request::ResetStats, wire::ResetStatsReply::SIZE).is_some();
+    STEADY.store(done, Ordering::Release);
+    done
+}
+
+/// The image's counters of each CPU, read once at the close of the books.
+struct Snapshots(UnsafeCell<[Snapshot; MAX_CPUS]>);
+// SAFETY: written by the BSP in `read_image_stats`, read afterwards on the BSP only.
+unsafe impl Sync for Snapshots {}
+static SNAPSHOTS: Snapshots = Snapshots(UnsafeCell::new(
+    // SAFETY: Snapshot is u64 counters and arrays of them: zero is valid.
+    unsafe { core::mem::zeroed() },
+));
+/// CPUs whose counters [`read_image_stats`] read (bit per CPU index).
+static READ_CPUS: AtomicU64 = AtomicU64::new(0);
+
+/// Reads the image's per-CPU statistics (the IOCTL `ackctl stats --per-cpu` sends) into
+/// [`SNAPSHOTS`]; the CPUs it got are then available through [`image_stats`].
+pub fn read_image_stats() {
+    READ_CPUS.store(0, Ordering::Release);
+    let Some(reply) = own_request(
+        Request::Stats { per_cpu: true },
+        StatsReply::SIZE + (MAX_CPUS + 1) * CpuStats::SIZE,
+    ) else {
+        return;
+    };
+    let Some((header, entries)) = StatsReply::decode_prefix(reply) else {
+        return;
+    };
+    if header.entry_size as usize != CpuStats::SIZE {
+        return;
+    }
+    // The aggregate first, then one entry per CPU.
+    let mut got = 0u64;
+    for entry in entries.chunks_exact(CpuStats::SIZE).skip(1) {
+        let Some(cpu) = entry.get(..4).and_then(|b| b.try_into().ok()) else {
+            continue;
+        };
+        let index = u32::from_le_bytes(cpu) as usize;
+        // SAFETY: the BSP's session only (see `Snapshots`); no reference into SNAPSHOTS is live.
+        let snapshots = unsafe { &mut *SNAPSHOTS.0.get() };
+        if let Some(slot) = snapshots.get_mut(index)
+            && fill(slot, entry)
+        {
+            got |= 1 << index;
+        }
+    }
+    READ_CPUS.store(got, Ordering::Release);
+}
+
+/// The counters of one [`CpuStats`] entry into `s`, field by field in wire order (decoding the
+/// entry whole would put a 7 KiB value on the stack).
+fn fill(s: &mut Snapshot, entry: &[u8]) -> bool {
+    let Some(counters) = entry.get(wire::CPU_STATS_COUNTERS_OFFSET..) else {
+        return false;
+    };
+    let mut words = counters
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
+    let slots = s
+        .exits
+        .iter_mut()
+        .chain(s.extint_by_vector.iter_mut())
+        .chain(s.replays_by_vector.iter_mut())
+        .chain(s.injections_by_vector.iter_mut())
+        .chain([&mut s.deferrals, &mut s.sti_windows, &mut s.guest_takes])
+        .chain(s.anomalies.iter_mut())
+        .chain([
+            &mut s.cycles_count,
+            &mut s.cycles_sum,
+            &mut s.cycles_max,
+            &mut s.handler_cycles_sum,
+        ])
+        .chain(s.histogram.iter_mut());
+    let mut filled = 0;
+    for slot in slots {
+        let Some(w) = words.next() else {
+            return false;
+        };
+        *slot = w;
+        filled += 1;
+    }
+    filled * 8 + wire::CPU_STATS_COUNTERS_OFFSET == CpuStats::SIZE
+}
+
+/// CPU `index`'s counters from the last [`read_image_stats`], if it read them.
+pub fn image_stats(index: usize) -> Option<&'static Snapshot> {
+    if index >= MAX_CPUS || READ_CPUS.load(Ordering::Acquire) & (1 << index) == 0 {
+        return None;
+    }
+    // SAFETY: written only in `read_image_stats`, which has returned; shared reads only.
+    let snapshots = unsafe { &*SNAPSHOTS.0.get() };
+    snapshots.get(index)
+}
+
+/// The scenario: DriverEntry, the serve session through the image, DriverUnload, the books.
+pub fn scenario(p: &Params) {
+    let Some((driver, status)) = super::driver::enter(NAME) else {
+        return;
+    };
+    // SAFETY: DriverEntry has returned; the object is read on this CPU only.
+    let unload = unsafe { (*driver).DriverUnload };
+    if status < 0 {
+        let mut line = Line::new(NAME);
+        line.kv("fatal", 1)
+            .kv("loaded", 0)
+            .kv("entry_status", format_args!("{:#010x}", status as u32));
+        super::driver::write_books(&mut line);
+        line.print();
+        return;
+    }
+    DRIVER.store(driver, Ordering::Release);
+    // The session starts in `start_mode`, as the core's does (DriverEntry leaves passthrough).
+    let mode = Mode::try_from(p.start_mode).unwrap_or(Mode::AckReplay);
+    let started = own_request(Request::SetMode(mode), SetModeReply::SIZE)
+        .and_then(SetModeReply::decode)
+        .is_some_and(|r| r.mode == mode as u32);
+    crate::control::serve_session(p, crate::control::Backend::Driver);
+    // The workload has drained: nothing is in flight, both books are final.
+    read_image_stats();
+    let mut agreement = Line::new(NAME);
+    agreement.kv("start_mode_set", u8::from(started));
+    write_agreement(&mut agreement);
+    agreement.print();
+    DRIVER.store(core::ptr::null_mut(), Ordering::Release);
+    if let Some(unload) = unload {
+        // SAFETY: DriverUnload of the image, set by DriverEntry, called once at PASSIVE.
+        unsafe { unload(driver) };
+    }
+    let mut line = Line::new(NAME);
+    line.kv("loaded", 1)
+        .kv("entry_status", format_args!("{:#010x}", status as u32))
+        .kv("unloaded", u32::from(unload.is_some()))
+        .kv("creates", CREATES.load(Ordering::Acquire))
+        .kv("closes", CLOSES.load(Ordering::Acquire))
+        .kv("device_controls", DEVICE_CONTROLS.load(Ordering::Acquire))
+        .kv("foreign_statuses", FOREIGN_STATUSES.load(Ordering::Acquire))
+        .kv("client_resets", CLIENT_RESETS.load(Ordering::Acquire))
+        .kv("undrained_resets", UNDRAINED_RESETS.load(Ordering::Acquire));
+    super::driver::write_books(&mut line);
+    line.print();
+}
+
+/// The image's statistics against the machine's own tallies on the BSP (the one workload CPU),
+/// both since the books last started. When the mode was ack-inject throughout, each interrupt
+/// is one external-interrupt exit and one injection and runs once in the guest, so per vector
+/// the image's exits and injections equal the machine's handler runs: `agreement_mismatch` is
+/// Σ over vectors of |exits − runs| + |injections − runs|. In other modes the relation is not
+/// one to one (exit-sti and ack-replay take some interrupts in root without an exit), so only
+/// the mode is reported (`agreement_mode`).
+fn write_agreement(line: &mut Line) {
+    let mode = MODE.load(Ordering::Acquire);
+    let steady = STEADY.load(Ordering::Acquire);
+    let name = match Mode::try_from(mode) {
+        Ok(m) if steady => m.name(),
+        _ => "mixed",
+    };
+    line.kv("agreement_mode", name);
+    let Some(image) = image_stats(0) else {
+        line.kv("agreement_read", 0);
+        return;
+    };
+    let runs = &crate::percpu::CPUS[0].counts.runs;
+    let (mut exits, mut injections, mut machine, mut mismatch) = (0u64, 0u64, 0u64, 0u64);
+    for v in 0..=255u8 {
+        let i = usize::from(v);
+        let ran = u64::from(runs.get(v));
+        exits += image.extint_by_vector[i];
+        injections += image.injections_by_vector[i];
+        machine += ran;
+        mismatch += image.extint_by_vector[i].abs_diff(ran);
+        mismatch += image.injections_by_vector[i].abs_diff(ran);
+    }
+    line.kv("agreement_read", 1)
+        .kv("image_extint", exits)
+        .kv("image_injections", injections)
+        .kv("machine_runs", machine)
+        .kv("agreement_mismatch", mismatch);
+}

@@ -1,0 +1,145 @@
+//! The serve machine with the real ackvisor.sys behind COM1 (scenario `nt-serve`,
+//! `tests/kernel/src/ntos/serve.rs`): `ackctl`'s requests reach the image as IRPs, and at the
+//! power button the machine closes its books, calls DriverUnload and prints the verifier's.
+//! [`judge`] is what `testmachine --serve --driver`/`--demo --driver` and the tests hold those
+//! books to.
+//!
+//! **Runs in:** the Linux host.
+
+use crate::{RunOutput, RunSpec, Verdict};
+
+/// The kernel's scenario name. It starts with `nt-`, so [`crate::driver::attach`] puts the image
+/// on the disk.
+pub const SCENARIO: &str = "nt-serve";
+
+/// CPUs the driver mode runs on. The image sets a mode on every CPU by moving its thread there
+/// (`KeSetSystemGroupAffinityThread`); until the miniature NT can move a thread to another CPU
+/// it accepts only the current one, so the driver mode runs on one.
+pub const CPUS: u32 = 1;
+
+/// Why more CPUs than [`CPUS`] are refused (for the message that says so).
+pub const WHY_ONE_CPU: &str = "the miniature NT cannot move a thread to another CPU yet \
+     (KeSetSystemGroupAffinityThread accepts only the current one), and the image sets a mode \
+     on each CPU by moving its thread there";
+
+/// [`RunSpec::serve`]'s machine with the image loaded by DriverEntry instead of the kernel's own
+/// core.
+pub fn spec(model: &str, cpus: u32, min_rounds: u32) -> RunSpec {
+    let mut spec = RunSpec::serve(model, cpus, min_rounds);
+    for (k, v) in &mut spec.params {
+        if k == "scenario" {
+            *v = SCENARIO.into();
+        }
+    }
+    spec
+}
+
+/// The books of a finished `nt-serve` run: the machine's (every interrupt raised ran, none
+/// lost, ISR empty, nothing ran in a wrong context; the image's statistics agree with the
+/// machine's tallies per vector), the file books (every CREATE closed, one DEVICE_CONTROL per
+/// open, at least one per answered request) and the verifier's after DriverUnload (nothing
+/// leaked, every IRP completed once with `Information` within its buffer, no IRQL rule broken).
+/// `cpus` is the machine's CPU count; `min_interrupts` what the BSP's workload must have run.
+pub fn judge(v: &mut Verdict<'_>, out: &RunOutput, cpus: u64, min_interrupts: u64) {
+    if let Some(l) = v.line("serve-ready", None) {
+        v.eq(l, "driver", 1)
+            .eq(l, "cpus", cpus)
+            .eq(l, "team", 1)
+            .eq(l, "virtualized", cpus)
+            .eq(l, "stats_reset", 1);
+    }
+    let requests = out.line("serve", None).and_then(|l| l.num("requests"));
+    if let Some(l) = v.line("serve", None) {
+        v.eq(l, "cpus", cpus)
+            .eq(l, "team", 1)
+            .eq(l, "virtualized", cpus)
+            .eq(l, "modes_agree", 1)
+            .eq(l, "undrained", 0)
+            .eq(l, "lost", 0)
+            .eq(l, "isr_left", 0)
+            .eq(l, "canary_broken", 0)
+            .eq(l, "ctx_violations", 0)
+            .eq(l, "wrong_idt", 0)
+            .eq(l, "unexpected", 0)
+            .eq(l, "dpc_in_root", 0)
+            .eq(l, "ring3_bad_exits", 0)
+            .eq(l, "too_small", 0)
+            .eq_field(l, "ran", "raised")
+            .gt(l, "ran", min_interrupts.saturating_sub(1));
+    }
+    match out
+        .lines("serve-cpu", None)
+        .find(|l| l.num("cpu") == Some(0))
+    {
+        Some(l) => {
+            v.eq(l, "lost", 0)
+                .eq(l, "isr_left", 0)
+                .eq(l, "undrained", 0)
+                .gt(l, "ran", 0)
+                .eq_field(l, "ran", "raised");
+        }
+        None => v.fail("no RESULT serve-cpu line for cpu 0".into()),
+    }
+    match out
+        .lines(SCENARIO, None)
+        .find(|l| l.get("start_mode_set").is_some())
+    {
+        Some(l) => {
+            v.eq(l, "start_mode_set", 1);
+        }
+        None => v.fail(format!("no RESULT {SCENARIO} line with start_mode_set")),
+    }
+    match out
+        .lines(SCENARIO, None)
+        .find(|l| l.get("unloaded").is_some())
+    {
+        Some(l) => {
+            v.eq(l, "loaded", 1)
+                .eq(l, "entry_status", 0)
+                .eq(l, "unloaded", 1)
+                .eq_field(l, "closes", "creates")
+                .eq_field(l, "device_controls", "creates")
+                .eq(l, "foreign_statuses", 0)
+                .eq(l, "undrained_resets", 0)
+                .eq(l, "leaks", 0)
+                .eq(l, "misuses", 0)
+                .eq(l, "double_completions", 0)
+                .eq(l, "uncompleted", 0)
+                .eq(l, "status_mismatches", 0)
+                .eq(l, "information_overflows", 0)
+                .eq(l, "stray_completions", 0)
+                .eq(l, "irql_violations", 0);
+            if let Some(r) = requests {
+                v.gt(l, "creates", r.saturating_sub(1));
+            }
+        }
+        None => v.fail(format!("no RESULT {SCENARIO} line with the unload books")),
+    }
+}
+
+/// The image's statistics against the machine's tallies on the BSP since the books last
+/// started (a client's `stats reset` restarts both), for a session that ended in a steady
+/// `ack-inject`: per vector, one external-interrupt exit and one injection per handler run.
+pub fn judge_agreement(v: &mut Verdict<'_>, out: &RunOutput) {
+    match out
+        .lines(SCENARIO, None)
+        .find(|l| l.get("agreement_mode").is_some())
+    {
+        Some(l) => {
+            if l.get("agreement_mode") != Some("ack-inject") {
+                v.fail(format!(
+                    "{}: agreement_mode: expected ack-inject (no mode change since the last \
+                     reset), got {}",
+                    l.label(),
+                    l.get("agreement_mode").unwrap_or("-")
+                ));
+            }
+            v.eq(l, "agreement_read", 1)
+                .gt(l, "machine_runs", 0)
+                .eq_field(l, "image_extint", "machine_runs")
+                .eq_field(l, "image_injections", "machine_runs")
+                .eq(l, "agreement_mismatch", 0);
+        }
+        None => v.fail(format!("no RESULT {SCENARIO} line with agreement_mode")),
+    }
+}
