@@ -44,9 +44,10 @@ static DRIVER: AtomicPtr<DRIVER_OBJECT> = AtomicPtr::new(core::ptr::null_mut());
 
 /// IRP_MJ_CREATEs the image completed with success: file objects opened.
 pub static CREATES: AtomicU64 = AtomicU64::new(0);
-/// IRP_MJ_CLOSEs sent: file objects closed. Equal to [`CREATES`] at the end, or a handle leaked.
+/// IRP_MJ_CLOSEs the image completed with success: file objects closed. Equal to [`CREATES`] at
+/// the end, or a handle leaked.
 pub static CLOSES: AtomicU64 = AtomicU64::new(0);
-/// IRP_MJ_DEVICE_CONTROLs sent.
+/// IRP_MJ_DEVICE_CONTROLs the image's dispatch routine received.
 pub static DEVICE_CONTROLS: AtomicU64 = AtomicU64::new(0);
 /// Client requests that completed with an NTSTATUS outside the protocol's convention (neither
 /// success nor ackvisor's facility): answered with that NTSTATUS and no body.
@@ -92,7 +93,6 @@ fn request(code: u32, input: &[u8], output: &mut [u8], client: bool) -> Option<i
         return Some(create);
     }
     CREATES.fetch_add(1, Ordering::AcqRel);
-    DEVICE_CONTROLS.fetch_add(1, Ordering::AcqRel);
     let mut send = || io::send(driver, io::IRP_MJ_DEVICE_CONTROL, code, input, output);
     let outcome = if client && code == wire::IOCTL_RESET_STATS {
         let (outcome, drained) = crate::control::with_books_restarted(send);
@@ -107,10 +107,14 @@ fn request(code: u32, input: &[u8], output: &mut [u8], client: bool) -> Option<i
     } else {
         send()
     };
-    CLOSES.fetch_add(1, Ordering::AcqRel);
-    // The close's status is not the caller's business (CloseHandle on a device succeeds); its
-    // completion is booked by `io` like every other.
-    let _ = io::send(driver, io::IRP_MJ_CLOSE, 0, &[], &mut []);
+    if outcome.is_some() {
+        DEVICE_CONTROLS.fetch_add(1, Ordering::AcqRel);
+    }
+    // The file object is closed once the image completed the IRP_MJ_CLOSE with success (its
+    // completion is booked by `io` like every other).
+    if io::send(driver, io::IRP_MJ_CLOSE, 0, &[], &mut []).is_some_and(|o| nt_success(o.status)) {
+        CLOSES.fetch_add(1, Ordering::AcqRel);
+    }
     if let Some(o) = outcome
         && code == wire::IOCTL_SET_MODE
         && o.status == 0
