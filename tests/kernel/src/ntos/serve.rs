@@ -39,6 +39,9 @@ use crate::report::Line;
 
 const NAME: &str = "nt-serve";
 
+// `ackctl stats --per-cpu` on the most CPUs the kernel runs must fit the system buffer.
+const _: () = assert!(io::BUFFER_BYTES >= StatsReply::SIZE + (MAX_CPUS + 1) * CpuStats::SIZE);
+
 /// The image's driver object while the session runs (null before DriverEntry succeeded).
 static DRIVER: AtomicPtr<DRIVER_OBJECT> = AtomicPtr::new(core::ptr::null_mut());
 
