@@ -367,6 +367,16 @@ fn ackctl_drives_the_image(model: &str) {
     // Every request above went through the image: the 23 of ackctl and the raw frames (more if
     // ackctl had to send one again or grow its buffer after an output-too-small refusal), at
     // least the three refusals above, and the four mode changes.
+    // The one `ackctl stats reset` restarted both books.
+    match out
+        .lines(serve_driver::SCENARIO, None)
+        .find(|l| l.get("client_resets").is_some())
+    {
+        Some(l) => {
+            v.eq(l, "client_resets", 1);
+        }
+        None => v.fail("no client_resets in the unload line".into()),
+    }
     if let Some(l) = v.line("serve", None) {
         v.gt(l, "requests", 22)
             .gt(l, "refused", 2)
