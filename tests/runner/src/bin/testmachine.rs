@@ -170,7 +170,10 @@ fn finish(m: Machine) {
     }
     let driver = out.spec.scenario() == serve_driver::SCENARIO;
     if driver {
-        println!("--- DriverUnload ran; the verifier's books (all must be 0):");
+        println!(
+            "--- the image's counters against the machine's runs (since the last reset), then \
+             DriverUnload and the verifier's books:"
+        );
         for l in out
             .results
             .iter()
