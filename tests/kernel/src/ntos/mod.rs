@@ -4,26 +4,29 @@
 //! (`layout`).
 //!
 //! The routines with state are in `routines` (memory, devices, callbacks, dispatcher objects,
-//! handles, the verifier's books), `threads` (system threads without a scheduler) and `io`
-//! (IRPs and their completion); `fault` makes a routine fail on demand, `quirks` completes what
+//! handles, the verifier's books), `threads` (system threads and their handles) on `sched` (a
+//! cooperative scheduler per CPU that also moves threads between CPUs), `groups` (the CPUs as
+//! processor groups) and `io` (IRPs and their completion); `fault` makes a routine fail on demand, `quirks` completes what
 //! Bochs lacks.
 //!
 //! Scenario `nt-load` loads the image and reports what the load did; a broken image gets a
 //! `fatal=1` line naming the fault. Scenario `nt-driver` (`driver`) takes the image through
 //! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload.
 //!
-//! **Runs in:** PASSIVE, BSP.
+//! **Runs in:** PASSIVE, on the BSP's initial thread (which moves to other CPUs and back).
 
 pub mod disk;
 pub mod driver;
 pub mod exports;
 pub mod fault;
+pub mod groups;
 pub mod io;
 pub mod layout;
 pub mod loader;
 pub mod malformed;
 pub mod quirks;
 pub mod routines;
+pub mod sched;
 pub mod threads;
 
 use core::cell::UnsafeCell;
