@@ -5,9 +5,9 @@
 //! a violation is counted and the first offender named ([`IRQL_VIOLATIONS`], [`first_violation`]).
 //! IRQL is CR8, as on x64 NT.
 //!
-//! The routines with state live in `routines`, `threads` and `sched`. A routine (or a case of one) the
-//! miniature NT does not provide yet is [`unimplemented`]: a call ends the run with a `fatal=1`
-//! line naming it, never a silent success.
+//! The routines with state live in `routines`, `threads` and `sched`. A routine the miniature NT
+//! does not provide is not in the table, so the loader refuses an image that imports it; a wait
+//! no thread can ever satisfy ends the run ([`unimplemented_deadlock`]), never a silent success.
 //!
 //! **Runs in:** whatever IRQL the image calls at (each routine names its rule).
 
@@ -52,12 +52,7 @@ fn violation(routine: &'static str) {
     crate::kprintln!("ntos: IRQL violation: {routine} at IRQL {}", arch::cr8());
 }
 
-/// Ends the run naming a routine (or a case of one) the miniature NT does not provide yet.
-pub fn unimplemented(routine: &str) -> ! {
-    crate::report::fatal_result(format_args!("unimplemented={routine}"))
-}
-
-/// Ends the run: a wait without a timeout on an object no other thread can signal.
+/// Ends the run: a wait without a timeout outside any thread, which nothing could end.
 pub fn unimplemented_deadlock(routine: &str) -> ! {
     crate::report::fatal_result(format_args!("deadlock={routine}"))
 }
@@ -121,6 +116,9 @@ extern "win64" fn nt_dbg_print_ex(
         }
     }
     crate::kprint!("ntos: dbg: {}", out.as_str());
+    if super::sched::in_system_thread() {
+        SYSTEM_THREAD_LINES.fetch_add(1, Ordering::AcqRel);
+    }
     if out.as_str().contains(REFUSAL) {
         REFUSAL_LINES.fetch_add(1, Ordering::AcqRel);
     }
@@ -130,6 +128,8 @@ extern "win64" fn nt_dbg_print_ex(
 /// What ackvisor's DbgPrintEx line says when DriverEntry refuses (README: "Why ackvisor refused
 /// to load").
 const REFUSAL: &str = "refusing to load";
+/// DbgPrintEx lines printed by a system thread (ackvisor's log-drain worker).
+pub static SYSTEM_THREAD_LINES: AtomicU32 = AtomicU32::new(0);
 /// DbgPrintEx lines that said [`REFUSAL`].
 pub static REFUSAL_LINES: AtomicU32 = AtomicU32::new(0);
 

@@ -15,6 +15,7 @@
 //!
 //! **Runs in:** PASSIVE, on the BSP's initial thread (which moves to other CPUs and back).
 
+pub mod cpus;
 pub mod disk;
 pub mod driver;
 pub mod exports;

@@ -145,6 +145,8 @@ static CURRENT: [AtomicUsize; MAX_CPUS] = {
 };
 /// Whether slot 0 has been claimed by the BSP's initial thread (done on first use).
 static INITIAL: AtomicBool = AtomicBool::new(false);
+/// The slot each CPU ran last (round robin).
+static LAST: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
 /// Each CPU's scheduler context while a thread runs there.
 static SCHED_RSP: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
 
@@ -313,11 +315,33 @@ pub fn exists(slot: usize) -> bool {
         .is_some_and(|t| t.state.load(Ordering::Acquire) != FREE)
 }
 
-/// Thread `slot`'s wake-ups after blocking waits.
-pub fn wakeups(slot: usize) -> u32 {
+/// Wake-ups after blocking waits of every system thread (not the BSP's initial thread).
+pub fn system_wakeups() -> u32 {
     THREADS
-        .get(slot)
-        .map_or(0, |t| t.wakeups.load(Ordering::Acquire))
+        .iter()
+        .skip(1)
+        .map(|t| t.wakeups.load(Ordering::Acquire))
+        .sum()
+}
+
+/// Whether the running thread is a system thread (PsCreateSystemThread's).
+pub fn in_system_thread() -> bool {
+    current().is_some_and(|slot| slot > 0)
+}
+
+/// A notification event nobody sets: what [`sleep`] waits on.
+struct Never(UnsafeCell<[u64; 3]>);
+// SAFETY: only `wait` touches it, under the dispatcher lock.
+unsafe impl Sync for Never {}
+static NEVER: Never = Never(UnsafeCell::new([EVENT_NOTIFICATION as u64, 0, 0]));
+
+/// The running thread sleeps `ticks` TSC ticks (a wait that times out), so its CPU runs its
+/// other threads meanwhile.
+pub fn sleep(ticks: u64) {
+    let _ = wait(
+        NEVER.0.get().cast(),
+        Timeout::At(arch::rdtsc().saturating_add(ticks)),
+    );
 }
 
 /// Creates a ready thread on this CPU that calls `start(context)` (win64) on its own stack.
@@ -505,10 +529,14 @@ fn pick(here: usize) -> Option<usize> {
             t.state.store(READY, Ordering::Release);
         }
     }
-    let slot = THREADS.iter().position(|t| {
+    // Round robin: start after the thread that ran here last, so a yield lets the others run.
+    let last = LAST[here].load(Ordering::Relaxed);
+    let slot = (1..=SLOTS).map(|k| (last + k) % SLOTS).find(|&i| {
+        let t = &THREADS[i];
         t.state.load(Ordering::Acquire) == READY && t.cpu.load(Ordering::Acquire) as usize == here
     })?;
     THREADS[slot].state.store(RUNNING, Ordering::Release);
+    LAST[here].store(slot, Ordering::Relaxed);
     Some(slot)
 }
 
