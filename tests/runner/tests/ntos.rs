@@ -219,7 +219,10 @@ fn drives_the_real_image(model: &str, cpus: u64) {
     for mode in ["exit-sti", "ack-replay", "ack-inject", "passthrough"] {
         let lines: Vec<_> = run.lines("nt-driver", Some(mode)).collect();
         if lines.len() as u64 != cpus {
-            v.fail(format!("mode {mode}: {} per-CPU lines, want {cpus}", lines.len()));
+            v.fail(format!(
+                "mode {mode}: {} per-CPU lines, want {cpus}",
+                lines.len()
+            ));
         }
         for (cpu, l) in lines.into_iter().enumerate() {
             v.eq(l, "cpu", cpu as u64)
@@ -231,16 +234,16 @@ fn drives_the_real_image(model: &str, cpus: u64) {
             let with_wakes = ran + l.num("wakes").unwrap_or(0);
             match mode {
                 "passthrough" => v.eq(l, "extint_exits", 0).eq(l, "extint_acked", 0),
-                "ack-inject" => v
-                    .eq_field(l, "extint_acked", "ran")
-                    .eq(l, "extint_exits", with_wakes),
-                "ack-replay" => v
-                    .gt(l, "extint_acked", 0)
-                    .le(l, "extint_acked", ran)
-                    .le(l, "extint_exits", with_wakes),
-                _ => v
-                    .gt(l, "extint_exits", 0)
-                    .le(l, "extint_exits", with_wakes),
+                "ack-inject" => {
+                    v.eq_field(l, "extint_acked", "ran")
+                        .eq(l, "extint_exits", with_wakes)
+                }
+                "ack-replay" => v.gt(l, "extint_acked", 0).le(l, "extint_acked", ran).le(
+                    l,
+                    "extint_exits",
+                    with_wakes,
+                ),
+                _ => v.gt(l, "extint_exits", 0).le(l, "extint_exits", with_wakes),
             };
         }
     }
@@ -260,11 +263,19 @@ fn drives_the_real_image(model: &str, cpus: u64) {
         books_hold(&mut v, l);
     }
     if let Some(l) = line_with(&mut v, &run, "worker_wakeups") {
-        v.gt(l, "worker_wakeups", 0).gt(l, "worker_lines", 0);
+        v.gt(l, "worker_wakeups", 0)
+            .gt(l, "worker_lines", 0)
+            .gt(l, "affinity_group0", 0);
         if cpus == 1 {
             v.eq(l, "thread_moves", 0);
         } else {
             v.gt(l, "thread_moves", 0);
+        }
+        // The image's every-group loop meets group 1 only when the CPUs are split (4 CPUs).
+        if cpus > 2 {
+            v.gt(l, "affinity_group1", 0);
+        } else {
+            v.eq(l, "affinity_group1", 0);
         }
     }
     if let Some(l) = line_with(&mut v, &run, "unloaded") {

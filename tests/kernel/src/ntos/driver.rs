@@ -346,5 +346,13 @@ fn worker_ran() {
             exports::SYSTEM_THREAD_LINES.load(Ordering::Acquire),
         )
         .kv("thread_moves", super::sched::MOVES.load(Ordering::Acquire))
+        .kv(
+            "affinity_group0",
+            super::routines::AFFINITY_CALLS_BY_GROUP[0].load(Ordering::Acquire),
+        )
+        .kv(
+            "affinity_group1",
+            super::routines::AFFINITY_CALLS_BY_GROUP[1].load(Ordering::Acquire),
+        )
         .print();
 }

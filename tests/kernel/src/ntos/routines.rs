@@ -206,6 +206,9 @@ pub extern "win64" fn ke_unstack_detach_process(_apc: *mut c_void) {
 
 // --- Affinity ---
 
+/// KeSetSystemGroupAffinityThread calls by the group they named (groups 0 and 1).
+pub static AFFINITY_CALLS_BY_GROUP: [AtomicU32; 2] = [const { AtomicU32::new(0) }; 2];
+
 /// The CPU `affinity` names, or a counted misuse naming why not.
 fn affinity_target(routine: &str, affinity: *const GROUP_AFFINITY) -> Option<u32> {
     if affinity.is_null() {
@@ -241,6 +244,11 @@ pub extern "win64" fn ke_set_system_group_affinity_thread(
     let Some(target) = affinity_target("KeSetSystemGroupAffinityThread", affinity) else {
         return;
     };
+    // SAFETY: valid (affinity_target read it).
+    let group = usize::from(unsafe { affinity.read() }.Group);
+    if let Some(n) = AFFINITY_CALLS_BY_GROUP.get(group) {
+        n.fetch_add(1, Ordering::AcqRel);
+    }
     let before = super::sched::set_affinity(Some(target));
     if !previous.is_null() {
         let value = before.map_or(

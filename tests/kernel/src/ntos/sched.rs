@@ -206,12 +206,12 @@ fn fresh_context(top: usize, entry: extern "C" fn() -> !) -> usize {
     let frame = (top - 8 - 8 - SAVED_REGS * 8) as *mut usize;
     for i in 0..SAVED_REGS {
         // SAFETY: the words lie inside the stack below `top`, which no context uses yet.
-        unsafe { frame.add(i).write(0) };
+        unsafe { frame.wrapping_add(i).write(0) };
     }
     // SAFETY: as above.
-    unsafe { frame.add(SAVED_REGS).write(entry as usize) };
+    unsafe { frame.wrapping_add(SAVED_REGS).write(entry as usize) };
     // SAFETY: as above; a null return address ends any backtrace.
-    unsafe { frame.add(SAVED_REGS + 1).write(0) };
+    unsafe { frame.wrapping_add(SAVED_REGS + 1).write(0) };
     frame as usize
 }
 
