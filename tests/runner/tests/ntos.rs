@@ -262,6 +262,9 @@ fn drives_the_real_image(model: &str, cpus: u64) {
             .eq(l, "stats_refused_after", 1);
         books_hold(&mut v, l);
     }
+    if let Some(l) = line_with(&mut v, &run, "sched_checks") {
+        v.eq(l, "sched_checks", 6).eq(l, "sched_failed", 0);
+    }
     if let Some(l) = line_with(&mut v, &run, "worker_wakeups") {
         v.gt(l, "worker_wakeups", 0)
             .gt(l, "worker_lines", 0)

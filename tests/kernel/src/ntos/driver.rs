@@ -49,6 +49,7 @@ type DriverEntry = extern "win64" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) 
 
 /// The scenario.
 pub fn scenario(p: &Params) {
+    super::sched_check::run(NAME);
     let Some((_, image)) = super::load_image(NAME) else {
         return;
     };

@@ -28,6 +28,7 @@ pub mod malformed;
 pub mod quirks;
 pub mod routines;
 pub mod sched;
+pub mod sched_check;
 pub mod threads;
 
 use core::cell::UnsafeCell;

@@ -315,11 +315,13 @@ pub fn exists(slot: usize) -> bool {
         .is_some_and(|t| t.state.load(Ordering::Acquire) != FREE)
 }
 
-/// Wake-ups after blocking waits of every system thread (not the BSP's initial thread).
+/// Wake-ups after blocking waits of the system threads that exist now (not the BSP's initial
+/// thread, not threads already gone).
 pub fn system_wakeups() -> u32 {
     THREADS
         .iter()
         .skip(1)
+        .filter(|t| t.state.load(Ordering::Acquire) != FREE)
         .map(|t| t.wakeups.load(Ordering::Acquire))
         .sum()
 }
