@@ -338,7 +338,7 @@ fn worker_ran() {
             && exports::SYSTEM_THREAD_LINES.load(Ordering::Acquire) > 0
     };
     while !shown() && crate::arch::rdtsc() - start < WORKER_WAIT_TICKS {
-        super::sched::sleep(WORKER_SLICE_TICKS);
+        super::waits::sleep(WORKER_SLICE_TICKS);
     }
     Line::new(NAME)
         .kv("worker_wakeups", super::sched::system_wakeups())

@@ -5,8 +5,10 @@
 //!
 //! The routines with state are in `routines` (memory, devices, callbacks, dispatcher objects,
 //! handles, the verifier's books), `threads` (system threads and their handles) on `sched` (a
-//! cooperative scheduler per CPU that also moves threads between CPUs), `groups` (the CPUs as
-//! processor groups) and `io` (IRPs and their completion); `fault` makes a routine fail on demand, `quirks` completes what
+//! cooperative scheduler per CPU that also moves threads between CPUs, switching with
+//! `context`), `waits` (events, mutexes, thread objects, timeouts; checked by `sched_check`),
+//! `groups` (the CPUs as processor groups) and `io` (IRPs and their completion); `cpus` holds
+//! `nt-driver`'s per-CPU measurements; `fault` makes a routine fail on demand, `quirks` completes what
 //! Bochs lacks.
 //!
 //! Scenario `nt-load` loads the image and reports what the load did; a broken image gets a
@@ -15,6 +17,7 @@
 //!
 //! **Runs in:** PASSIVE, on the BSP's initial thread (which moves to other CPUs and back).
 
+pub mod context;
 pub mod cpus;
 pub mod disk;
 pub mod driver;
@@ -30,6 +33,7 @@ pub mod routines;
 pub mod sched;
 pub mod sched_check;
 pub mod threads;
+pub mod waits;
 
 use core::cell::UnsafeCell;
 

@@ -475,7 +475,7 @@ pub extern "win64" fn ex_unregister_callback(registration: *mut c_void) {
 
 // --- Dispatcher objects ---
 
-use super::sched::{EVENT_NOTIFICATION, EVENT_SYNCHRONIZATION, MUTANT, Timeout};
+use super::waits::{EVENT_NOTIFICATION, EVENT_SYNCHRONIZATION, MUTANT, Timeout};
 
 /// `KeInitializeEvent(Event, Type, State)`: any IRQL.
 pub extern "win64" fn ke_initialize_event(event: *mut KEVENT, kind: u32, state: u8) {
@@ -509,7 +509,7 @@ pub extern "win64" fn ke_set_event(event: *mut KEVENT, _increment: i32, _wait: u
     if event.is_null() {
         return 0;
     }
-    super::sched::set_event(event.cast())
+    super::waits::set_event(event.cast())
 }
 
 /// `KeInitializeMutex(Mutex, Level)`: PASSIVE. Signaled (free), no owner.
@@ -536,13 +536,13 @@ pub extern "win64" fn ke_release_mutex(mutex: *mut KMUTEX, _wait: u8) -> i32 {
     if mutex.is_null() {
         return 0;
     }
-    match super::sched::release_mutex(mutex.cast()) {
+    match super::waits::release_mutex(mutex.cast()) {
         Ok(previous) => previous,
-        Err(super::sched::ReleaseError::NotHeld) => {
+        Err(super::waits::ReleaseError::NotHeld) => {
             misuse("KeReleaseMutex of a mutex not held");
             1
         }
-        Err(super::sched::ReleaseError::NotOwner) => {
+        Err(super::waits::ReleaseError::NotOwner) => {
             misuse("KeReleaseMutex by a thread that does not own it");
             0
         }
@@ -567,7 +567,7 @@ pub extern "win64" fn ke_wait_for_single_object(
         "KeWaitForSingleObject",
         if value == Some(0) { DISPATCH } else { APC },
     );
-    super::sched::wait(object, Timeout::from_nt(value))
+    super::waits::wait(object, Timeout::from_nt(value))
 }
 
 /// `ZwWaitForSingleObject(Handle, Alertable, Timeout)`: PASSIVE. As KeWaitForSingleObject on
@@ -581,7 +581,7 @@ pub extern "win64" fn zw_wait_for_single_object(
     // SAFETY: the caller passes a LARGE_INTEGER or null.
     let value = (!timeout.is_null()).then(|| unsafe { timeout.read() });
     match super::threads::object_of(handle) {
-        Some(object) => super::sched::wait(object, Timeout::from_nt(value)),
+        Some(object) => super::waits::wait(object, Timeout::from_nt(value)),
         None => STATUS_INVALID_HANDLE,
     }
 }

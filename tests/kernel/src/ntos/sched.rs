@@ -1,5 +1,5 @@
-//! The miniature NT's dispatcher: threads, a cooperative scheduler per CPU, waits on dispatcher
-//! objects with TSC timeouts, and moving a thread to another CPU (group affinity).
+//! The miniature NT's threads: a cooperative scheduler per CPU and moving a thread to another
+//! CPU (group affinity). Waits on dispatcher objects are in `waits`.
 //!
 //! A thread runs until it waits, yields, moves or ends; then its CPU goes back to that CPU's
 //! *scheduler context*, which finishes what the thread asked for (requeue it, hand it to
@@ -15,16 +15,14 @@
 //! stopped, whether that CPU runs in VMX non-root operation or not.
 //!
 //! Every change of a thread's state happens under one dispatcher lock (IF=0), like NT's
-//! dispatcher database lock. Waits are satisfied by the signaller (KeSetEvent, KeReleaseMutex, a
-//! thread's end), so a synchronization event releases exactly one waiter and a mutex is handed
-//! to exactly one; a timeout is noticed by the waiter's CPU when its scheduler looks.
+//! dispatcher database lock. The switch itself is `context`'s.
 //!
 //! Simplifications, each named where it is made:
 //! - no preemption: a thread runs until it waits, yields or moves (NT would preempt it at the
 //!   end of its quantum); the scenarios yield where NT's clock would have switched;
 //! - no load balancing: a thread runs on one CPU at a time, the one it was created on (its
-//!   "user affinity"), unless it sets a system affinity; waiters are woken in slot order, not
-//!   NT's FIFO order of the wait list; no priorities, no APCs, no alertable waits.
+//!   "user affinity"), unless it sets a system affinity; no priorities, no APCs, no alertable
+//!   waits.
 //!
 //! **Runs in:** PASSIVE (threads), the scheduler context (IF=0 while it looks), any CPU.
 
@@ -33,6 +31,8 @@ use core::ffi::c_void;
 use core::sync::atomic::AtomicUsize;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
+use super::context::{fresh_context, switch};
+use super::waits::{STATUS_TIMEOUT, THREAD, header, satisfy_waiters};
 use crate::interrupts::IrqOff;
 use crate::percpu::{CPUS, MAX_CPUS, this_cpu};
 use crate::{arch, smp};
@@ -44,40 +44,18 @@ const STACK_BYTES: usize = 24 * 1024;
 /// The BSP's scheduler stack.
 const IDLE_STACK_BYTES: usize = 16 * 1024;
 
-/// NT's status codes the waits return.
-pub const STATUS_SUCCESS: i32 = 0;
-/// See [`STATUS_SUCCESS`].
-pub const STATUS_TIMEOUT: i32 = 0x102;
-/// A wait the miniature NT cannot carry out (see [`wait`]).
-pub const STATUS_INVALID_PARAMETER: i32 = 0xC000_000D_u32 as i32;
-/// A wait on something that is no dispatcher object.
-pub const STATUS_OBJECT_TYPE_MISMATCH: i32 = 0xC000_0024_u32 as i32;
-
 /// Thread states.
-const FREE: u8 = 0;
-const READY: u8 = 1;
+pub(super) const FREE: u8 = 0;
+pub(super) const READY: u8 = 1;
 const RUNNING: u8 = 2;
-const WAITING: u8 = 3;
+pub(super) const WAITING: u8 = 3;
 const DONE: u8 = 4;
 
 /// What a thread asks its CPU's scheduler context to do once it has left.
 const LEAVE_YIELD: u8 = 1;
-const LEAVE_BLOCK: u8 = 2;
+pub(super) const LEAVE_BLOCK: u8 = 2;
 const LEAVE_MOVE: u8 = 3;
 const LEAVE_EXIT: u8 = 4;
-
-/// DISPATCHER_HEADER.Type values (wdm.h's KOBJECTS).
-pub const EVENT_NOTIFICATION: u8 = 0;
-/// See [`EVENT_NOTIFICATION`].
-pub const EVENT_SYNCHRONIZATION: u8 = 1;
-/// See [`EVENT_NOTIFICATION`].
-pub const MUTANT: u8 = 2;
-/// See [`EVENT_NOTIFICATION`].
-pub const THREAD: u8 = 6;
-
-/// Bochs's TSC counts one tick per emulated instruction, and the runner runs the machine at 50
-/// million instructions per emulated second (`IPS` in the runner's library): 5 ticks per 100 ns.
-const TSC_TICKS_PER_100NS: u64 = 5;
 
 /// "No CPU" in a thread's system affinity.
 const NO_AFFINITY: u32 = u32::MAX;
@@ -87,10 +65,10 @@ const NO_AFFINITY: u32 = u32::MAX;
 #[repr(C, align(16))]
 pub struct Thread {
     header: UnsafeCell<[u64; 3]>,
-    state: AtomicU8,
+    pub(super) state: AtomicU8,
     leaving: AtomicU8,
     /// The CPU it runs on, or will run on when it is ready.
-    cpu: AtomicU32,
+    pub(super) cpu: AtomicU32,
     /// Its user affinity: the CPU it was created on (see the module comment).
     home: AtomicU32,
     /// Its system affinity (KeSetSystemGroupAffinityThread), [`NO_AFFINITY`] when none.
@@ -101,10 +79,10 @@ pub struct Thread {
     rsp: AtomicUsize,
     start: AtomicUsize,
     context: AtomicUsize,
-    wait_object: AtomicUsize,
+    pub(super) wait_object: AtomicUsize,
     /// TSC at which the wait times out (0: never).
-    deadline: AtomicU64,
-    wait_status: AtomicI32,
+    pub(super) deadline: AtomicU64,
+    pub(super) wait_status: AtomicI32,
     /// Handles and references to its object (the slot is reused once it ended and this is 0).
     refs: AtomicU32,
     /// Times it resumed after a wait that blocked it.
@@ -117,7 +95,7 @@ unsafe impl Sync for Thread {}
 
 const TYPE_THREAD_HEADER: u64 = THREAD as u64;
 
-static THREADS: [Thread; SLOTS] = [const {
+pub(super) static THREADS: [Thread; SLOTS] = [const {
     Thread {
         header: UnsafeCell::new([TYPE_THREAD_HEADER, 0, 0]),
         state: AtomicU8::new(FREE),
@@ -167,91 +145,15 @@ struct IdleStack(UnsafeCell<[u8; IDLE_STACK_BYTES]>);
 unsafe impl Sync for IdleStack {}
 static BSP_IDLE_STACK: IdleStack = IdleStack(UnsafeCell::new([0; IDLE_STACK_BYTES]));
 
-core::arch::global_asm!(
-    ".global ntos_switch",
-    "ntos_switch:",
-    // rdi = where to save this context's RSP, rsi = the RSP of the context to resume. The
-    // System V callee-saved registers go on the stack being left; the win64 image's extra ones
-    // (RDI, RSI, XMM6-15) were saved by the win64 routine that led here, on the same stack.
-    "push rbp",
-    "push rbx",
-    "push r12",
-    "push r13",
-    "push r14",
-    "push r15",
-    "mov [rdi], rsp",
-    "mov rsp, rsi",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
-    "pop rbx",
-    "pop rbp",
-    "ret",
-);
-
-unsafe extern "C" {
-    /// Saves the running context's RSP at `save` and resumes the context whose RSP is `load`.
-    fn ntos_switch(save: *mut usize, load: usize);
-}
-
-/// Registers `ntos_switch` pops before its RET: r15, r14, r13, r12, rbx, rbp.
-const SAVED_REGS: usize = 6;
-
-/// Builds a fresh context on the stack ending at `top` that starts in `entry` (which must not
-/// return), and returns its RSP.
-fn fresh_context(top: usize, entry: extern "C" fn() -> !) -> usize {
-    let top = top & !0xF;
-    // After the RET pops `entry`, RSP = top - 8, as after a CALL: ≡ 8 (mod 16).
-    let frame = (top - 8 - 8 - SAVED_REGS * 8) as *mut usize;
-    for i in 0..SAVED_REGS {
-        // SAFETY: the words lie inside the stack below `top`, which no context uses yet.
-        unsafe { frame.wrapping_add(i).write(0) };
-    }
-    // SAFETY: as above.
-    unsafe { frame.wrapping_add(SAVED_REGS).write(entry as usize) };
-    // SAFETY: as above; a null return address ends any backtrace.
-    unsafe { frame.wrapping_add(SAVED_REGS + 1).write(0) };
-    frame as usize
-}
-
-/// Switches from the running context to the one whose RSP is `load`, saving ours at `save`;
-/// returns when something switches back to us, possibly on another CPU. IF, CR8 and this
-/// context's interrupt marks are restored on the CPU we come back on.
-fn switch(save: &AtomicUsize, load: usize) {
-    let was_enabled = arch::rflags() & arch::RFLAGS_IF != 0;
-    arch::cli();
-    let cpu = this_cpu();
-    let marks = (
-        cpu.ctx_if_off.load(Ordering::Relaxed),
-        cpu.ctx_cr8.load(Ordering::Relaxed),
-    );
-    let cr8 = arch::cr8();
-    cpu.ctx_if_off.store(true, Ordering::Relaxed);
-    // SAFETY: `load` is the RSP a switch saved (or `fresh_context` built) for a context that is
-    // not running anywhere: the dispatcher hands each one to one CPU only. IF=0 across it.
-    unsafe { ntos_switch(save.as_ptr(), load) };
-    let cpu = this_cpu();
-    // SAFETY: IF=0: no interrupt sees the CPU between the priority and the marks; this is the
-    // IRQL this context had when it left.
-    unsafe { arch::set_cr8(cr8) };
-    cpu.ctx_cr8.store(marks.1, Ordering::Relaxed);
-    cpu.ctx_if_off.store(marks.0, Ordering::Relaxed);
-    if was_enabled {
-        // SAFETY: interrupts were on when this context left; its state is restored.
-        unsafe { arch::sti() };
-    }
-}
-
 /// The dispatcher lock (IF=0 while held, like NT's at SYNCH_LEVEL). Never held across a switch.
-struct Lock {
+pub(super) struct Lock {
     _off: IrqOff,
 }
 
 static LOCKED: AtomicBool = AtomicBool::new(false);
 
 impl Lock {
-    fn take() -> Lock {
+    pub(super) fn take() -> Lock {
         let off = IrqOff::enter();
         while LOCKED
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -329,21 +231,6 @@ pub fn system_wakeups() -> u32 {
 /// Whether the running thread is a system thread (PsCreateSystemThread's).
 pub fn in_system_thread() -> bool {
     current().is_some_and(|slot| slot > 0)
-}
-
-/// A notification event nobody sets: what [`sleep`] waits on.
-struct Never(UnsafeCell<[u64; 3]>);
-// SAFETY: only `wait` touches it, under the dispatcher lock.
-unsafe impl Sync for Never {}
-static NEVER: Never = Never(UnsafeCell::new([EVENT_NOTIFICATION as u64, 0, 0]));
-
-/// The running thread sleeps `ticks` TSC ticks (a wait that times out), so its CPU runs its
-/// other threads meanwhile.
-pub fn sleep(ticks: u64) {
-    let _ = wait(
-        NEVER.0.get().cast(),
-        Timeout::At(arch::rdtsc().saturating_add(ticks)),
-    );
 }
 
 /// Creates a ready thread on this CPU that calls `start(context)` (win64) on its own stack.
@@ -430,7 +317,7 @@ pub fn exit_current() -> ! {
 
 /// The running thread gives up its CPU for `action`; returns when it is resumed (for a move, on
 /// the new CPU).
-fn leave(action: u8) {
+pub(super) fn leave(action: u8) {
     let Some(slot) = current() else {
         return;
     };
@@ -593,7 +480,7 @@ fn finish(here: usize) {
 }
 
 /// Wakes CPU `cpu` from its idle halt (no-op for this CPU).
-fn wake_cpu(cpu: usize) {
+pub(super) fn wake_cpu(cpu: usize) {
     if cpu != me()
         && let Some(c) = CPUS.get(cpu)
     {
@@ -630,197 +517,4 @@ pub fn set_affinity(cpu: Option<u32>) -> Option<u32> {
         .swap(cpu.unwrap_or(NO_AFFINITY), Ordering::AcqRel);
     move_to(cpu.unwrap_or_else(|| t.home.load(Ordering::Acquire)));
     (previous != NO_AFFINITY).then_some(previous)
-}
-
-/// A dispatcher header.
-///
-/// # Safety
-/// `object` points at a dispatcher object the caller may access (under the lock).
-unsafe fn header<'a>(
-    object: *mut c_void,
-) -> &'a mut windows_sys::Wdk::Foundation::DISPATCHER_HEADER {
-    // SAFETY: caller's duty.
-    unsafe { &mut *object.cast() }
-}
-
-/// `OwnerThread` of a KMUTEX.
-fn owner_of(mutex: *mut c_void) -> *mut c_void {
-    // SAFETY: a KMUTEX (the caller's contract), read under the lock.
-    unsafe { (*mutex.cast::<super::layout::KMUTEX>()).OwnerThread.cast() }
-}
-
-fn set_owner(mutex: *mut c_void, owner: *mut c_void) {
-    // SAFETY: as `owner_of`.
-    unsafe { (*mutex.cast::<super::layout::KMUTEX>()).OwnerThread = owner.cast() };
-}
-
-/// Satisfies a wait of `thread` on `object` now if its state allows, taking the object if that
-/// is its type's rule. None when `object` is no dispatcher object this kernel knows.
-/// Call under the lock.
-fn try_acquire(object: *mut c_void, thread: *mut c_void) -> Option<bool> {
-    // SAFETY: a dispatcher object (the caller's contract); under the lock.
-    let h = unsafe { header(object) };
-    // SAFETY: Type is the header's first byte.
-    let kind = unsafe { object.cast::<u8>().read() };
-    let state = h.SignalState;
-    match kind {
-        EVENT_NOTIFICATION | THREAD => Some(state > 0),
-        EVENT_SYNCHRONIZATION => {
-            if state > 0 {
-                h.SignalState = 0;
-            }
-            Some(state > 0)
-        }
-        // NT's rule: free (state 1), or already owned by this thread (recursion: state goes
-        // down once per acquisition, up once per release).
-        MUTANT => {
-            if state > 0 || owner_of(object) == thread {
-                h.SignalState = state - 1;
-                set_owner(object, thread);
-                Some(true)
-            } else {
-                Some(false)
-            }
-        }
-        _ => None,
-    }
-}
-
-/// Wakes the threads waiting on `object` that its new state satisfies, in slot order: every
-/// waiter of a notification event or an ended thread, one of a synchronization event or a
-/// mutex. Call under the lock.
-fn satisfy_waiters(object: *mut c_void) {
-    for (slot, t) in THREADS.iter().enumerate() {
-        if t.state.load(Ordering::Acquire) != WAITING
-            || t.wait_object.load(Ordering::Acquire) != object as usize
-        {
-            continue;
-        }
-        if try_acquire(object, self::object(slot)) != Some(true) {
-            break;
-        }
-        t.wait_object.store(0, Ordering::Release);
-        t.deadline.store(0, Ordering::Release);
-        t.wait_status.store(STATUS_SUCCESS, Ordering::Release);
-        t.state.store(READY, Ordering::Release);
-        wake_cpu(t.cpu.load(Ordering::Acquire) as usize);
-    }
-}
-
-/// A wait's timeout: NT's LARGE_INTEGER in 100 ns units, negative = relative. Absolute times
-/// (positive) count from boot here (the miniature NT's system time starts at 0).
-#[derive(Clone, Copy)]
-pub enum Timeout {
-    /// No timeout.
-    Never,
-    /// The TSC value at which the wait gives up (0 timeouts: now).
-    At(u64),
-}
-
-impl Timeout {
-    /// From a `PLARGE_INTEGER` value (None: null pointer).
-    pub fn from_nt(value: Option<i64>) -> Timeout {
-        match value {
-            None => Timeout::Never,
-            Some(v) if v < 0 => Timeout::At(
-                arch::rdtsc().saturating_add(v.unsigned_abs().saturating_mul(TSC_TICKS_PER_100NS)),
-            ),
-            Some(v) => Timeout::At((v as u64).saturating_mul(TSC_TICKS_PER_100NS)),
-        }
-    }
-}
-
-/// Waits for `object` (KeWaitForSingleObject's rules): returns STATUS_SUCCESS once the wait is
-/// satisfied, STATUS_TIMEOUT when the timeout passed first. The running thread blocks, letting
-/// its CPU run other threads; a scheduler context (no thread) cannot block and only polls.
-pub fn wait(object: *mut c_void, timeout: Timeout) -> i32 {
-    if object.is_null() {
-        return STATUS_INVALID_PARAMETER;
-    }
-    let Some(slot) = current() else {
-        return wait_polling(object, timeout);
-    };
-    let t = &THREADS[slot];
-    {
-        let _lock = Lock::take();
-        match try_acquire(object, self::object(slot)) {
-            None => return STATUS_OBJECT_TYPE_MISMATCH,
-            Some(true) => return STATUS_SUCCESS,
-            Some(false) => {}
-        }
-        let deadline = match timeout {
-            Timeout::Never => 0,
-            Timeout::At(at) if arch::rdtsc() >= at => return STATUS_TIMEOUT,
-            // 0 means "never" in the thread's record.
-            Timeout::At(at) => at.max(1),
-        };
-        t.wait_object.store(object as usize, Ordering::Release);
-        t.deadline.store(deadline, Ordering::Release);
-        t.wait_status.store(STATUS_TIMEOUT, Ordering::Release);
-        t.state.store(WAITING, Ordering::Release);
-    }
-    leave(LEAVE_BLOCK);
-    t.wakeups.fetch_add(1, Ordering::AcqRel);
-    t.wait_status.load(Ordering::Acquire)
-}
-
-/// A wait outside any thread: polls until satisfied or timed out (a deadlock without timeout
-/// ends the run). Not NT behaviour; only the kernel's own code could get here.
-fn wait_polling(object: *mut c_void, timeout: Timeout) -> i32 {
-    loop {
-        {
-            let _lock = Lock::take();
-            match try_acquire(object, core::ptr::null_mut()) {
-                None => return STATUS_OBJECT_TYPE_MISMATCH,
-                Some(true) => return STATUS_SUCCESS,
-                Some(false) => {}
-            }
-        }
-        match timeout {
-            Timeout::At(at) if arch::rdtsc() >= at => return STATUS_TIMEOUT,
-            Timeout::At(_) => core::hint::spin_loop(),
-            Timeout::Never => super::exports::unimplemented_deadlock("wait_outside_a_thread"),
-        }
-    }
-}
-
-/// Sets `event` and wakes what that satisfies; returns the previous state (KeSetEvent).
-pub fn set_event(event: *mut c_void) -> i32 {
-    let _lock = Lock::take();
-    // SAFETY: an initialized KEVENT (the caller's contract), under the lock.
-    let h = unsafe { header(event) };
-    let previous = h.SignalState;
-    h.SignalState = 1;
-    satisfy_waiters(event);
-    previous
-}
-
-/// Why a mutex release was refused.
-pub enum ReleaseError {
-    /// The mutex was not held.
-    NotHeld,
-    /// Another thread holds it.
-    NotOwner,
-}
-
-/// Releases `mutex` once for the running thread (KeReleaseMutex); hands it to a waiter when it
-/// becomes free. Returns the previous state.
-pub fn release_mutex(mutex: *mut c_void) -> Result<i32, ReleaseError> {
-    let me = current_object().unwrap_or(core::ptr::null_mut());
-    let _lock = Lock::take();
-    // SAFETY: an initialized KMUTEX (the caller's contract), under the lock.
-    let h = unsafe { header(mutex) };
-    let state = h.SignalState;
-    if state >= 1 {
-        return Err(ReleaseError::NotHeld);
-    }
-    if owner_of(mutex) != me {
-        return Err(ReleaseError::NotOwner);
-    }
-    h.SignalState = state + 1;
-    if state + 1 == 1 {
-        set_owner(mutex, core::ptr::null_mut());
-        satisfy_waiters(mutex);
-    }
-    Ok(state)
 }

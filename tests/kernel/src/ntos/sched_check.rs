@@ -18,7 +18,8 @@ use super::routines::{
     BOOKS, ke_initialize_event, ke_initialize_mutex, ke_release_mutex, ke_set_event,
     ke_wait_for_single_object,
 };
-use super::sched::{self, STATUS_SUCCESS, STATUS_TIMEOUT, Timeout};
+use super::sched;
+use super::waits::{self, STATUS_SUCCESS, STATUS_TIMEOUT, Timeout};
 use crate::arch;
 use crate::report::Line;
 
@@ -101,7 +102,7 @@ fn join(slot: Option<usize>) -> bool {
     let Some(slot) = slot else {
         return false;
     };
-    let ended = sched::wait(sched::object(slot), Timeout::Never) == STATUS_SUCCESS
+    let ended = waits::wait(sched::object(slot), Timeout::Never) == STATUS_SUCCESS
         && signal_state(sched::object(slot)) == 1;
     sched::dereference(slot) && ended
 }
@@ -148,13 +149,13 @@ pub fn run(name: &str) {
     ke_initialize_event(event(), SYNCHRONIZATION, 0);
     WOKEN.store(0, Ordering::Release);
     let (a, b) = (spawn(event_waiter), spawn(event_waiter));
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     let none_yet = WOKEN.load(Ordering::Acquire) == 0;
     ke_set_event(event(), 0, 0);
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     let one = WOKEN.load(Ordering::Acquire) == 1 && signal_state(event().cast()) == 0;
     ke_set_event(event(), 0, 0);
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     let two = WOKEN.load(Ordering::Acquire) == 2;
     // Joined whatever the outcome, so a failed check does not keep its threads' slots.
     let joined = join(a) & join(b);
@@ -166,9 +167,9 @@ pub fn run(name: &str) {
     ke_initialize_event(event(), NOTIFICATION, 0);
     WOKEN.store(0, Ordering::Release);
     let (a, b) = (spawn(event_waiter), spawn(event_waiter));
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     ke_set_event(event(), 0, 0);
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     let all = WOKEN.load(Ordering::Acquire) == 2 && signal_state(event().cast()) == 1;
     let joined = join(a) & join(b);
     c.check("notification_event_all", all && joined);
@@ -182,12 +183,12 @@ pub fn run(name: &str) {
         && Some(unsafe { (*mutex()).OwnerThread }.cast::<c_void>()) == me;
     TAKER_OWNED.store(core::ptr::null_mut(), Ordering::Release);
     let taker = spawn(mutex_taker);
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     ke_release_mutex(mutex(), 0);
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     let still_held = TAKER_OWNED.load(Ordering::Acquire).is_null();
     ke_release_mutex(mutex(), 0);
-    sched::sleep(SETTLE_TICKS);
+    waits::sleep(SETTLE_TICKS);
     let handed = taker.is_some_and(|t| TAKER_OWNED.load(Ordering::Acquire) == sched::object(t));
     let joined = join(taker);
     c.check(
@@ -197,8 +198,8 @@ pub fn run(name: &str) {
     c.check(
         "mutex_release_not_held_refused",
         matches!(
-            sched::release_mutex(mutex().cast()),
-            Err(sched::ReleaseError::NotHeld)
+            waits::release_mutex(mutex().cast()),
+            Err(waits::ReleaseError::NotHeld)
         ),
     );
 
