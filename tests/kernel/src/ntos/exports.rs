@@ -221,7 +221,7 @@ extern "win64" fn nt_ke_query_active_processor_count_ex(group: u16) -> u32 {
 
 /// `KeGetCurrentProcessorNumberEx(ProcNumber)`: any IRQL; the CPU the calling thread runs on
 /// now, as its system-wide index (and group/number).
-extern "win64" fn nt_ke_get_current_processor_number_ex(
+pub(super) extern "win64" fn nt_ke_get_current_processor_number_ex(
     number: *mut super::layout::PROCESSOR_NUMBER,
 ) -> u32 {
     irql_check("KeGetCurrentProcessorNumberEx", HIGH_LEVEL);

@@ -3,7 +3,10 @@
 //! on the TSC and no sooner, a zero timeout polls, a synchronization event releases one waiter
 //! per set and resets, a notification event releases every waiter and stays set, a mutex is
 //! recursive for its owner and handed to one waiter on its last release, a thread object is
-//! signaled when its thread ends, and a release of a mutex nobody holds is refused.
+//! signaled when its thread ends, and a release of a mutex nobody holds is refused. And group
+//! affinity: KeSetSystemGroupAffinityThread moves the calling thread to the last CPU, where
+//! KeGetCurrentProcessorNumberEx reports it (group and number too), the revert brings it home,
+//! and an affinity naming a CPU that does not exist, or several, is counted as a misuse.
 //!
 //! One line: `sched_checks` (checks run) and `sched_failed` with the first failure's name.
 //!
@@ -203,9 +206,72 @@ pub fn run(name: &str) {
         ),
     );
 
+    affinity_checks(&mut c);
+
     Line::new(name)
         .kv("sched_checks", c.run)
         .kv("sched_failed", c.failed)
         .kv("sched_first_failed", c.first)
         .print();
+}
+
+/// Group affinity through the exported routines (see the module comment).
+fn affinity_checks(c: &mut Checks) {
+    use super::exports::nt_ke_get_current_processor_number_ex as current_number;
+    use super::layout::{GROUP_AFFINITY, PROCESSOR_NUMBER};
+    use super::routines::{
+        ke_revert_to_user_group_affinity_thread, ke_set_system_group_affinity_thread,
+    };
+
+    let last = super::groups::online() - 1;
+    let target = super::groups::affinity_of(last);
+    let mut previous = GROUP_AFFINITY {
+        Mask: usize::MAX,
+        Group: u16::MAX,
+        Reserved: [0; 3],
+    };
+    ke_set_system_group_affinity_thread(&target, &mut previous);
+    let mut there = PROCESSOR_NUMBER {
+        Group: u16::MAX,
+        Number: u8::MAX,
+        Reserved: 0,
+    };
+    let index = current_number(&mut there);
+    let expected = super::groups::number_of(last);
+    ke_revert_to_user_group_affinity_thread(&previous);
+    let home = current_number(core::ptr::null_mut());
+    c.check(
+        "affinity_moves_and_reverts",
+        index == last
+            && expected.is_some_and(|n| n.Group == there.Group && n.Number == there.Number)
+            && previous.Mask == 0
+            && home == 0,
+    );
+
+    // A CPU past the last one of its group, and a mask of two CPUs: each a counted misuse that
+    // leaves the thread where it is. The check takes its two misuses back off the books.
+    let size = super::groups::group_size();
+    let misuses = BOOKS.misuses.load(Ordering::Acquire);
+    let absent = GROUP_AFFINITY {
+        Mask: 1 << size,
+        Group: 0,
+        Reserved: [0; 3],
+    };
+    let two = GROUP_AFFINITY {
+        Mask: 0b11,
+        Group: 0,
+        Reserved: [0; 3],
+    };
+    ke_set_system_group_affinity_thread(&absent, core::ptr::null_mut());
+    ke_set_system_group_affinity_thread(&two, core::ptr::null_mut());
+    let counted = BOOKS.misuses.load(Ordering::Acquire) - misuses;
+    BOOKS.misuses.fetch_sub(counted, Ordering::AcqRel);
+    c.check(
+        "affinity_misuse_counted",
+        counted == 2 && current_number(core::ptr::null_mut()) == 0,
+    );
+    // `affinity_group*` count the image's calls only.
+    for n in &super::routines::AFFINITY_CALLS_BY_GROUP {
+        n.store(0, Ordering::Release);
+    }
 }
