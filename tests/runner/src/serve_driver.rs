@@ -12,15 +12,10 @@ use crate::{RunOutput, RunSpec, Verdict};
 /// on the disk.
 pub const SCENARIO: &str = "nt-serve";
 
-/// CPUs the driver mode runs on. The image sets a mode on every CPU by moving its thread there
-/// (`KeSetSystemGroupAffinityThread`); until the miniature NT can move a thread to another CPU
-/// it accepts only the current one, so the driver mode runs on one.
-pub const CPUS: u32 = 1;
-
-/// Why more CPUs than [`CPUS`] are refused (for the message that says so).
-pub const WHY_ONE_CPU: &str = "the miniature NT cannot move a thread to another CPU yet \
-     (KeSetSystemGroupAffinityThread accepts only the current one), and the image sets a mode \
-     on each CPU by moving its thread there";
+/// CPUs the driver mode runs on unless told otherwise. The image sets a mode on every CPU by
+/// moving its thread there (`KeSetSystemGroupAffinityThread`), which the miniature NT's
+/// scheduler does; only the BSP runs the workload.
+pub const CPUS: u32 = 2;
 
 /// [`RunSpec::serve`]'s machine with the image loaded by DriverEntry instead of the kernel's own
 /// core.
@@ -96,7 +91,9 @@ pub fn judge(v: &mut Verdict<'_>, out: &RunOutput, cpus: u64, min_interrupts: u6
         Some(l) => {
             v.eq(l, "loaded", 1)
                 .eq(l, "entry_status", 0)
+                .eq(l, "virtualized_by_cpuid", cpus)
                 .eq(l, "unloaded", 1)
+                .eq(l, "virtualized_after", 0)
                 .eq_field(l, "closes", "creates")
                 .eq_field(l, "device_controls", "creates")
                 .eq(l, "foreign_statuses", 0)
@@ -109,6 +106,12 @@ pub fn judge(v: &mut Verdict<'_>, out: &RunOutput, cpus: u64, min_interrupts: u6
                 .eq(l, "information_overflows", 0)
                 .eq(l, "stray_completions", 0)
                 .eq(l, "irql_violations", 0);
+            // Each mode change moves the serving thread to every other CPU and back.
+            if cpus > 1 {
+                v.gt(l, "thread_moves", 0);
+            } else {
+                v.eq(l, "thread_moves", 0);
+            }
             if let Some(r) = requests {
                 v.gt(l, "creates", r.saturating_sub(1));
             }

@@ -383,9 +383,17 @@ fn ackctl_drives_the_image_on(model: &str, cpus: u32) {
     v.finish();
 }
 
-/// On the CPUs the driver mode runs by default.
+/// On the CPUs the driver mode runs by default (2: the image moves the serving thread to the
+/// AP and back for every mode change).
 fn ackctl_drives_the_image(model: &str) {
     ackctl_drives_the_image_on(model, serve_driver::CPUS);
 }
 
 per_model!(ackctl_drives_the_image);
+
+/// One CPU, where no thread moves: the first model only (the mode setting through every CPU is
+/// the 2-CPU tests' part).
+#[test]
+fn ackctl_drives_the_image_on_one_cpu() {
+    ackctl_drives_the_image_on(ackvisor_runner::MODELS[0], 1);
+}

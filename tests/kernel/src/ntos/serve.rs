@@ -14,9 +14,17 @@
 //!   its requests on that handle; here each frame is a command of its own, so the file books
 //!   (`creates`, `closes`) count one of each per request;
 //! - the I/O manager's own checks before the dispatch routine (the handle's access rights for
-//!   the code's `RequiredAccess`) are not made: the test machine's link has one user.
+//!   the code's `RequiredAccess`) are not made: the test machine's link has one user;
+//! - no preemption (`sched`): the serving thread keeps the BSP while it serves, so the image's
+//!   log worker, created on the BSP, runs when the serving thread moves to another CPU or at
+//!   unload, not every 250 ms.
 //!
-//! **Runs in:** PASSIVE, BSP (the serve session's poll).
+//! The requests run on the BSP's initial thread, which the image moves to each CPU and back
+//! (`KeSetSystemGroupAffinityThread`, `sched`) to set a mode everywhere; the APs wait in their
+//! scheduler loop for it. Only the BSP runs the workload (`control::serve_session`).
+//!
+//! **Runs in:** PASSIVE, the BSP's initial thread (the serve session's poll; moved to every CPU
+//! and back by the image).
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
@@ -461,9 +469,12 @@ pub fn image_stats(index: usize) -> Option<&'static Snapshot> {
 
 /// The scenario: DriverEntry, the serve session through the image, DriverUnload, the books.
 pub fn scenario(p: &Params) {
+    // CPUID's cost on each CPU before the load, to tell virtualized CPUs by it afterwards.
+    let native = super::cpus::probe_each();
     let Some((driver, status)) = super::driver::enter(NAME) else {
         return;
     };
+    let loaded = super::cpus::probe_each();
     // SAFETY: DriverEntry has returned; the object is read on this CPU only.
     let unload = unsafe { (*driver).DriverUnload };
     if status < 0 {
@@ -493,10 +504,20 @@ pub fn scenario(p: &Params) {
         // SAFETY: DriverUnload of the image, set by DriverEntry, called once at PASSIVE.
         unsafe { unload(driver) };
     }
+    let after = super::cpus::probe_each();
     let mut line = Line::new(NAME);
     line.kv("loaded", 1)
         .kv("entry_status", format_args!("{:#010x}", status as u32))
+        .kv(
+            "virtualized_by_cpuid",
+            super::cpus::count_virtualized(&native, &loaded),
+        )
         .kv("unloaded", u32::from(unload.is_some()))
+        .kv(
+            "virtualized_after",
+            super::cpus::count_virtualized(&native, &after),
+        )
+        .kv("thread_moves", super::sched::MOVES.load(Ordering::Acquire))
         .kv("creates", CREATES.load(Ordering::Acquire))
         .kv("closes", CLOSES.load(Ordering::Acquire))
         .kv("device_controls", DEVICE_CONTROLS.load(Ordering::Acquire))

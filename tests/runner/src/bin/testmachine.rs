@@ -83,22 +83,10 @@ fn main() {
 }
 
 /// The serve machine: the model, stats choice and extra params of `spec`, 2 CPUs by default
-/// (with the driver, [`serve_driver::CPUS`]).
+/// ([`serve_driver::CPUS`] with the driver).
 fn serve_spec(spec: &RunSpec, cpus: Option<u32>, driver: bool) -> RunSpec {
     let mut s = if driver {
-        let n = match cpus {
-            Some(n) if n > serve_driver::CPUS => {
-                eprintln!(
-                    "testmachine: --driver runs on {} CPU, not {n}: {}.",
-                    serve_driver::CPUS,
-                    serve_driver::WHY_ONE_CPU
-                );
-                serve_driver::CPUS
-            }
-            Some(n) => n,
-            None => serve_driver::CPUS,
-        };
-        serve_driver::spec(&spec.model, n, 0)
+        serve_driver::spec(&spec.model, cpus.unwrap_or(serve_driver::CPUS), 0)
     } else {
         RunSpec::serve(&spec.model, cpus.unwrap_or(2), 0)
     };
@@ -203,8 +191,8 @@ fn serve(spec: RunSpec, limit: Option<Duration>) {
         .unwrap_or_else(|_| "ackctl".into());
     if spec.scenario() == serve_driver::SCENARIO {
         println!(
-            "test machine up: {} CPU of {}, the real ackvisor.sys loaded (DriverEntry ran), \
-             interrupts flowing; each ackctl request reaches the image as IRPs.",
+            "test machine up: {} CPUs of {}, the real ackvisor.sys loaded (DriverEntry ran), \
+             interrupts flowing on the BSP; each ackctl request reaches the image as IRPs.",
             spec.cpus, spec.model
         );
     } else {
@@ -279,7 +267,7 @@ fn usage(problem: &str) -> ! {
          \x20      [--scenario demo|modes|boot|vmcall|cycles|rejected|bench|misdirected-eoi]   run one scenario (default demo)\n\
          \x20      --serve [--for SECS]   keep the machine running for ackctl --machine (2 CPUs by default)\n\
          \x20      --demo                 flip every mode with the real ackctl and print its tables\n\
-         \x20      --driver               with --serve or --demo: the real ackvisor.sys answers, as IRPs (1 CPU)"
+         \x20      --driver               with --serve or --demo: the real ackvisor.sys answers, as IRPs (2 CPUs by default)"
     );
     std::process::exit(2)
 }
