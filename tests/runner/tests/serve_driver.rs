@@ -20,6 +20,12 @@ use serde_json::Value;
 const START_MODE: &str = "ack-replay";
 /// How long each mode's interrupts flow between two statistics reads.
 const STRETCH: Duration = Duration::from_millis(1500);
+/// `ackctl --timeout`: seconds to wait for each reply before sending the request again. Bochs
+/// emulating two CPUs on a loaded host can take longer than ackctl's default 3 s to send a
+/// 21 KiB per-CPU statistics reply (in ack-inject every interrupt takes two VM exits, each
+/// costly to emulate); a reply late past the timeout makes ackctl send again, and the answers
+/// pile up behind each other.
+const LINK_TIMEOUT: &str = "20";
 
 fn boot(model: &str, cpus: u32) -> (Machine, String) {
     let spec = serve_driver::spec(model, cpus, 50);
@@ -65,7 +71,8 @@ impl Checks {
 
 /// Runs ackctl with `--json`; its document, or panics naming the command and the console.
 fn json(m: &Machine, addr: &str, args: &[&str]) -> Value {
-    let mut full = args.to_vec();
+    let mut full = vec!["--timeout", LINK_TIMEOUT];
+    full.extend_from_slice(args);
     full.push("--json");
     let out = ackctl::run(addr, &full).unwrap_or_else(|e| panic!("{e}"));
     out.json()
@@ -242,7 +249,11 @@ fn session(model: &str, c: &mut Checks) -> RunOutput {
 
     // A vector below 0x30 takes no policy: the image refuses with its NTSTATUS (warning
     // severity, the ErrorReply in the buffer), and ackctl prints the precise error.
-    let refused = ackctl::run(&addr, &["policy", "0x20", "inject"]).expect("ackctl runs");
+    let refused = ackctl::run(
+        &addr,
+        &["--timeout", LINK_TIMEOUT, "policy", "0x20", "inject"],
+    )
+    .expect("ackctl runs");
     let expected = ControlError::VectorNotConfigurable {
         vector: 0x20,
         first: 0x30,

@@ -226,7 +226,9 @@ fn serve(spec: RunSpec, limit: Option<Duration>) {
 fn demo(spec: RunSpec) {
     let (m, addr) = boot(&spec);
     let ackctl = |args: &[&str]| {
-        let out = ackctl::run(&addr, args).unwrap_or_else(|e| fail(&e));
+        let mut full = vec!["--timeout", LINK_TIMEOUT];
+        full.extend_from_slice(args);
+        let out = ackctl::run(&addr, &full).unwrap_or_else(|e| fail(&e));
         println!("$ {}", out.command);
         print!("{}", out.stdout);
         if !out.ok() {
@@ -247,6 +249,10 @@ fn demo(spec: RunSpec) {
     ackctl(&["status"]);
     finish(m);
 }
+
+/// `ackctl --timeout` for the demo: Bochs emulating two CPUs on a busy host can take longer than
+/// ackctl's default 3 s to send a 21 KiB statistics reply.
+const LINK_TIMEOUT: &str = "20";
 
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<_> = text.lines().collect();
