@@ -44,6 +44,7 @@ pub fn judge(v: &mut Verdict<'_>, out: &RunOutput, cpus: u64, min_interrupts: u6
             .eq(l, "stats_reset", 1);
     }
     let requests = out.line("serve", None).and_then(|l| l.num("requests"));
+    let set_modes = out.line("serve", None).and_then(|l| l.num("set_modes"));
     if let Some(l) = v.line("serve", None) {
         v.eq(l, "cpus", cpus)
             .eq(l, "team", 1)
@@ -106,11 +107,10 @@ pub fn judge(v: &mut Verdict<'_>, out: &RunOutput, cpus: u64, min_interrupts: u6
                 .eq(l, "information_overflows", 0)
                 .eq(l, "stray_completions", 0)
                 .eq(l, "irql_violations", 0);
-            // Each mode change moves the serving thread to every other CPU and back.
-            if cpus > 1 {
-                v.gt(l, "thread_moves", 0);
-            } else {
-                v.eq(l, "thread_moves", 0);
+            // Each mode change moves the serving thread to every other CPU and back; nothing
+            // else the session asks for moves it.
+            if let Some(set_modes) = set_modes {
+                v.eq(l, "session_moves", 2 * (cpus - 1) * set_modes);
             }
             if let Some(r) = requests {
                 v.gt(l, "creates", r.saturating_sub(1));

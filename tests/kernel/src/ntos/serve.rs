@@ -492,7 +492,11 @@ pub fn scenario(p: &Params) {
     let started = own_request(Request::SetMode(mode), SetModeReply::SIZE)
         .and_then(SetModeReply::decode)
         .is_some_and(|r| r.mode == mode as u32);
+    let moves_before = super::sched::MOVES.load(Ordering::Acquire);
     crate::control::serve_session(p, crate::control::Backend::Driver);
+    let session_moves = super::sched::MOVES
+        .load(Ordering::Acquire)
+        .wrapping_sub(moves_before);
     // The workload has drained: nothing is in flight, both books are final.
     read_image_stats();
     let mut agreement = Line::new(NAME);
@@ -517,7 +521,7 @@ pub fn scenario(p: &Params) {
             "virtualized_after",
             super::cpus::count_virtualized(&native, &after),
         )
-        .kv("thread_moves", super::sched::MOVES.load(Ordering::Acquire))
+        .kv("session_moves", session_moves)
         .kv("creates", CREATES.load(Ordering::Acquire))
         .kv("closes", CLOSES.load(Ordering::Acquire))
         .kv("device_controls", DEVICE_CONTROLS.load(Ordering::Acquire))
