@@ -112,6 +112,8 @@ pub fn judge(v: &mut Verdict<'_>, out: &RunOutput, cpus: u64, min_interrupts: u6
             if let Some(set_modes) = set_modes {
                 v.eq(l, "session_moves", 2 * (cpus - 1) * set_modes);
             }
+            // ... and back: every request ends on the CPU it began on.
+            v.eq(l, "cpu_changes", 0);
             if let Some(r) = requests {
                 v.gt(l, "creates", r.saturating_sub(1));
             }

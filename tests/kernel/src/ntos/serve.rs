@@ -70,6 +70,10 @@ pub static CLIENT_RESETS: AtomicU64 = AtomicU64::new(0);
 /// together).
 pub static UNDRAINED_RESETS: AtomicU64 = AtomicU64::new(0);
 
+/// Requests after which the serving thread ran on another CPU than before: the image's per-CPU
+/// loop must leave it where it was (KeRevertToUserGroupAffinityThread).
+pub static CPU_CHANGES: AtomicU64 = AtomicU64::new(0);
+
 /// The image's mode as the last successful set-mode request left it (`Mode as u32`;
 /// [`NO_MODE`] before the first).
 static MODE: AtomicU32 = AtomicU32::new(NO_MODE);
@@ -98,6 +102,7 @@ fn request(code: u32, input: &[u8], output: &mut [u8], client: bool) -> Option<i
     if driver.is_null() {
         return None;
     }
+    let cpu_before = this_cpu_index();
     let create = io::send(driver, io::IRP_MJ_CREATE, 0, &[], &mut [])?;
     if !nt_success(create.status) {
         // CreateFileW fails: no handle, nothing to send or close.
@@ -126,6 +131,9 @@ fn request(code: u32, input: &[u8], output: &mut [u8], client: bool) -> Option<i
     if io::send(driver, io::IRP_MJ_CLOSE, 0, &[], &mut []).is_some_and(|o| nt_success(o.status)) {
         CLOSES.fetch_add(1, Ordering::AcqRel);
     }
+    if this_cpu_index() != cpu_before {
+        CPU_CHANGES.fetch_add(1, Ordering::AcqRel);
+    }
     if let Some(o) = outcome
         && code == wire::IOCTL_SET_MODE
         && o.status == 0
@@ -136,6 +144,11 @@ fn request(code: u32, input: &[u8], output: &mut [u8], client: bool) -> Option<i
         STEADY.store(false, Ordering::Release);
     }
     outcome
+}
+
+/// The CPU the calling thread runs on now.
+fn this_cpu_index() -> u32 {
+    crate::percpu::this_cpu().index.load(Ordering::Relaxed)
 }
 
 /// What goes on the wire for one completed request.
@@ -522,6 +535,7 @@ pub fn scenario(p: &Params) {
             super::cpus::count_virtualized(&native, &after),
         )
         .kv("session_moves", session_moves)
+        .kv("cpu_changes", CPU_CHANGES.load(Ordering::Acquire))
         .kv("creates", CREATES.load(Ordering::Acquire))
         .kv("closes", CLOSES.load(Ordering::Acquire))
         .kv("device_controls", DEVICE_CONTROLS.load(Ordering::Acquire))
