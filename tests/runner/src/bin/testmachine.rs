@@ -201,10 +201,17 @@ fn serve(spec: RunSpec, limit: Option<Duration>) {
             spec.cpus, spec.model
         );
     }
+    // With the image on 2 CPUs a per-CPU statistics reply can take longer than ackctl's
+    // default 3 s (see LINK_TIMEOUT).
+    let machine = if spec.scenario() == serve_driver::SCENARIO {
+        format!("--machine {addr} --timeout {LINK_TIMEOUT}")
+    } else {
+        format!("--machine {addr}")
+    };
     println!("From another terminal:");
-    println!("  {ackctl_path} --machine {addr} status");
-    println!("  {ackctl_path} --machine {addr} mode exit-sti");
-    println!("  {ackctl_path} --machine {addr} stats --per-cpu --watch 1");
+    println!("  {ackctl_path} {machine} status");
+    println!("  {ackctl_path} {machine} mode exit-sti");
+    println!("  {ackctl_path} {machine} stats --per-cpu --watch 1");
     match limit {
         Some(l) => println!(
             "Running for {:.0} s (Ctrl-C stops it at once).",
