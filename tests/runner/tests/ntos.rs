@@ -265,7 +265,7 @@ fn drives_the_real_image(model: &str, cpus: u64) {
         books_hold(&mut v, l);
     }
     if let Some(l) = line_with(&mut v, &run, "sched_checks") {
-        v.eq(l, "sched_checks", 8).eq(l, "sched_failed", 0);
+        v.eq(l, "sched_checks", 9).eq(l, "sched_failed", 0);
     }
     if let Some(l) = line_with(&mut v, &run, "worker_wakeups") {
         v.gt(l, "worker_wakeups", 0)

@@ -206,6 +206,7 @@ pub fn run(name: &str) {
         ),
     );
 
+    handle_wait_check(&mut c);
     affinity_checks(&mut c);
 
     Line::new(name)
@@ -213,6 +214,32 @@ pub fn run(name: &str) {
         .kv("sched_failed", c.failed)
         .kv("sched_first_failed", c.first)
         .print();
+}
+
+/// ZwWaitForSingleObject on the handle PsCreateSystemThread returns (the image calls it only on
+/// a failure path of its worker's start): it times out while the thread waits, succeeds once the
+/// thread ended, and refuses the handle once ZwClose gave it back.
+fn handle_wait_check(c: &mut Checks) {
+    use super::routines::{zw_close, zw_wait_for_single_object};
+    use super::threads::create_system_thread;
+    const STATUS_INVALID_HANDLE: i32 = 0xC000_0008_u32 as i32;
+
+    ke_initialize_event(event(), NOTIFICATION, 0);
+    WOKEN.store(0, Ordering::Release);
+    let mut handle = 0usize;
+    let created =
+        create_system_thread(&mut handle, event_waiter as *const () as usize, 0) == STATUS_SUCCESS;
+    let one_ms = ONE_MS_RELATIVE;
+    let timed_out = zw_wait_for_single_object(handle, 0, &one_ms) == STATUS_TIMEOUT;
+    ke_set_event(event(), 0, 0);
+    let ended = zw_wait_for_single_object(handle, 0, core::ptr::null()) == STATUS_SUCCESS
+        && WOKEN.load(Ordering::Acquire) == 1;
+    let closed = created && zw_close(handle) == STATUS_SUCCESS;
+    let refused = zw_wait_for_single_object(handle, 0, &one_ms) == STATUS_INVALID_HANDLE;
+    c.check(
+        "zw_wait_on_thread_handle",
+        created && timed_out && ended && closed && refused,
+    );
 }
 
 /// Group affinity through the exported routines (see the module comment).
@@ -270,8 +297,9 @@ fn affinity_checks(c: &mut Checks) {
         "affinity_misuse_counted",
         counted == 2 && current_number(core::ptr::null_mut()) == 0,
     );
-    // `affinity_group*` count the image's calls only.
+    // `affinity_group*` and `thread_moves` count the image's calls and moves only.
     for n in &super::routines::AFFINITY_CALLS_BY_GROUP {
         n.store(0, Ordering::Release);
     }
+    sched::MOVES.store(0, Ordering::Release);
 }
