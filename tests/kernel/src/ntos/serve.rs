@@ -344,7 +344,7 @@ const STATUS_INVALID_DEVICE_REQUEST: i32 = 0xC000_0010_u32 as i32;
 
 /// The kernel's own requests' output (the session's status and statistics reads).
 struct Out(UnsafeCell<[u8; io::BUFFER_BYTES]>);
-// SAFETY: used by the BSP's session only, one request at a time.
+// SAFETY: used by the serving thread only (the BSP's initial thread), one request at a time.
 unsafe impl Sync for Out {}
 static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
 
@@ -392,7 +392,7 @@ pub fn reset_image_stats() -> bool {
 
 /// The image's counters of each CPU, read once at the close of the books.
 struct Snapshots(UnsafeCell<[Snapshot; MAX_CPUS]>);
-// SAFETY: written by the BSP in `read_image_stats`, read afterwards on the BSP only.
+// SAFETY: written by the serving thread in `read_image_stats`, read afterwards by it only.
 unsafe impl Sync for Snapshots {}
 static SNAPSHOTS: Snapshots = Snapshots(UnsafeCell::new(
     // SAFETY: Snapshot is u64 counters and arrays of them: zero is valid.
@@ -424,7 +424,7 @@ pub fn read_image_stats() {
             continue;
         };
         let index = u32::from_le_bytes(cpu) as usize;
-        // SAFETY: the BSP's session only (see `Snapshots`); no reference into SNAPSHOTS is live.
+        // SAFETY: the serving thread only (see `Snapshots`); no reference into SNAPSHOTS is live.
         let snapshots = unsafe { &mut *SNAPSHOTS.0.get() };
         if let Some(slot) = snapshots.get_mut(index)
             && fill(slot, entry)
@@ -488,7 +488,7 @@ pub fn scenario(p: &Params) {
         return;
     };
     let loaded = super::cpus::probe_each();
-    // SAFETY: DriverEntry has returned; the object is read on this CPU only.
+    // SAFETY: DriverEntry has returned; only this thread reads the object.
     let unload = unsafe { (*driver).DriverUnload };
     if status < 0 {
         let mut line = Line::new(NAME);
