@@ -66,6 +66,7 @@ extern "C" fn kmain() -> ! {
         "serve" => "serve",
         "nt-load" => "nt-load",
         "nt-driver" => "nt-driver",
+        "nt-bench" => "nt-bench",
         "misdirected-eoi" => "misdirected-eoi",
         "debug-regs" => "debug-regs",
         _ => "unknown",
@@ -108,6 +109,7 @@ extern "C" fn kmain() -> ! {
         "serve" => control::serve_scenario(&p),
         "nt-load" => ntos::load_scenario(&p),
         "nt-driver" => ntos::driver::scenario(&p),
+        "nt-bench" => ntos::bench::run(&p),
         "misdirected-eoi" => misdirected::scenario(&p),
         "debug-regs" => debug_regs::run(),
         _ => report::Line::new("unknown")

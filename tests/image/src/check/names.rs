@@ -71,6 +71,16 @@ impl Names {
         self.by_rva.get(&rva).map(String::as_str)
     }
 
+    /// The RVAs of the functions whose name ends with `suffix` (a path's last segments, e.g.
+    /// `exit::stub::vm_exit_entry`), in address order.
+    pub fn rvas_ending_with(&self, suffix: &str) -> Vec<u32> {
+        self.by_rva
+            .iter()
+            .filter(|(_, name)| name.ends_with(suffix))
+            .map(|(&rva, _)| rva)
+            .collect()
+    }
+
     /// How many names there are.
     pub fn len(&self) -> usize {
         self.by_rva.len()

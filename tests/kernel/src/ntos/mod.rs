@@ -10,10 +10,12 @@
 //!
 //! Scenario `nt-load` loads the image and reports what the load did; a broken image gets a
 //! `fatal=1` line naming the fault. Scenario `nt-driver` (`driver`) takes the image through
-//! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload.
+//! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload. Scenario
+//! `nt-bench` (`bench`) measures the image's exit path with the test kernel's benchmark.
 //!
 //! **Runs in:** PASSIVE, BSP.
 
+pub mod bench;
 pub mod disk;
 pub mod driver;
 pub mod exports;
