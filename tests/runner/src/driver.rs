@@ -69,6 +69,14 @@ pub fn profile_of(spec: &RunSpec) -> Result<Profile, String> {
     }
 }
 
+/// `spec` with the image in `profile` (the debug image's runs keep their spec unchanged).
+pub fn with_profile(spec: RunSpec, profile: Profile) -> RunSpec {
+    match profile {
+        Profile::Debug => spec,
+        Profile::Release => spec.param(PROFILE_PARAM, profile.dir()),
+    }
+}
+
 /// The debug image's bytes as the run's `image` param asks for them.
 pub fn image_bytes(variant: &str) -> Result<Vec<u8>, String> {
     image_bytes_of(Profile::Debug, variant)

@@ -114,3 +114,8 @@ const IRQL_CALLS_PER_ROOT_RUN: f64 = 2.0;
 fn image_bench_release() {
     check(Profile::Release);
 }
+
+#[test]
+fn image_bench_debug() {
+    check(Profile::Debug);
+}

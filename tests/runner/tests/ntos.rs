@@ -5,6 +5,7 @@
 //! Expected figures are read from the same file on the host with `object`, independently of the
 //! kernel's loader.
 
+use ackvisor_runner::driver::Profile;
 use ackvisor_runner::{MODELS, RunOutput, RunSpec, Verdict, driver, run_shared};
 use object::LittleEndian as LE;
 use object::pe::IMAGE_REL_BASED_DIR64;
@@ -86,10 +87,10 @@ fn expected(bytes: &[u8]) -> Expected {
     }
 }
 
-fn loads_the_real_image(model: &str) {
-    let bytes = driver::image_bytes("good").expect("ackvisor.sys builds");
+fn loads_the_real_image(model: &str, profile: Profile) {
+    let bytes = driver::image_bytes_of(profile, "good").expect("ackvisor.sys builds");
     let want = expected(&bytes);
-    let run = machine(RunSpec::new(model, SCENARIO));
+    let run = machine(driver::with_profile(RunSpec::new(model, SCENARIO), profile));
     let mut v = Verdict::new(&run);
     if let Some(l) = v.line(SCENARIO, None) {
         v.eq(l, "loaded", 1)
@@ -146,12 +147,12 @@ fn refuses_each_broken_image(model: &str) {
 
 #[test]
 fn nt_load_haswell() {
-    loads_the_real_image(MODELS[0]);
+    loads_the_real_image(MODELS[0], Profile::Debug);
 }
 
 #[test]
 fn nt_load_skylake() {
-    loads_the_real_image(MODELS[1]);
+    loads_the_real_image(MODELS[1], Profile::Debug);
 }
 
 #[test]
@@ -178,8 +179,11 @@ fn line_with<'a>(
 /// virtualizes the CPU (CPUID exits counted by its own statistics), seven malformed requests
 /// each get their precise NTSTATUS and Information, and the verifier's books are clean at the
 /// end.
-fn drives_the_real_image(model: &str) {
-    let run = machine(RunSpec::new(model, "nt-driver"));
+fn drives_the_real_image(model: &str, profile: Profile) {
+    let run = machine(driver::with_profile(
+        RunSpec::new(model, "nt-driver"),
+        profile,
+    ));
     let mut v = Verdict::new(&run);
     if let Some(l) = line_with(&mut v, &run, "entry_status") {
         v.eq(l, "loaded", 1)
@@ -247,12 +251,12 @@ fn drives_the_real_image(model: &str) {
 
 #[test]
 fn nt_driver_haswell() {
-    drives_the_real_image(MODELS[0]);
+    drives_the_real_image(MODELS[0], Profile::Debug);
 }
 
 #[test]
 fn nt_driver_skylake() {
-    drives_the_real_image(MODELS[1]);
+    drives_the_real_image(MODELS[1], Profile::Debug);
 }
 
 /// The routines `ntos::fault` can make fail.
@@ -271,8 +275,11 @@ const STATUS_INSUFFICIENT_RESOURCES: u64 = 0xC000_009A;
 /// Every injectable routine fails on each of its calls in turn (the call counts come from a
 /// clean run): DriverEntry refuses with the status, prints its refusal line, leaves the CPU
 /// unvirtualized (CPUID costs what it costs natively) and nothing in the books.
-fn every_refusal_is_clean(model: &str) {
-    let clean = machine(RunSpec::new(model, "nt-driver"));
+fn every_refusal_is_clean(model: &str, profile: Profile) {
+    let clean = machine(driver::with_profile(
+        RunSpec::new(model, "nt-driver"),
+        profile,
+    ));
     let calls: Vec<(&str, u64)> = {
         let l = clean
             .lines("nt-driver", None)
@@ -287,8 +294,8 @@ fn every_refusal_is_clean(model: &str) {
     for (routine, n) in calls {
         assert!(n > 0, "model {model}: DriverEntry never calls {routine}");
         for k in 1..=n {
-            let run =
-                machine(RunSpec::new(model, "nt-driver").param("fault", format!("{routine}:{k}")));
+            let spec = RunSpec::new(model, "nt-driver").param("fault", format!("{routine}:{k}"));
+            let run = machine(driver::with_profile(spec, profile));
             let mut v = Verdict::new(&run);
             if let Some(l) = line_with(&mut v, &run, "entry_status") {
                 v.eq(l, "injected", 1)
@@ -316,5 +323,33 @@ fn every_refusal_is_clean(model: &str) {
 
 #[test]
 fn nt_refusals_haswell() {
-    every_refusal_is_clean(MODELS[0]);
+    every_refusal_is_clean(MODELS[0], Profile::Debug);
+}
+
+// The release ackvisor.sys (the profile users ship), the same checks: code the optimizer
+// changes (inlining, vectorizing, frame layout) runs here and nowhere else in the tests.
+
+#[test]
+fn nt_load_release_haswell() {
+    loads_the_real_image(MODELS[0], Profile::Release);
+}
+
+#[test]
+fn nt_load_release_skylake() {
+    loads_the_real_image(MODELS[1], Profile::Release);
+}
+
+#[test]
+fn nt_driver_release_haswell() {
+    drives_the_real_image(MODELS[0], Profile::Release);
+}
+
+#[test]
+fn nt_driver_release_skylake() {
+    drives_the_real_image(MODELS[1], Profile::Release);
+}
+
+#[test]
+fn nt_refusals_release_haswell() {
+    every_refusal_is_clean(MODELS[0], Profile::Release);
 }
