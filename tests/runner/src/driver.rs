@@ -174,12 +174,28 @@ pub fn attach(spec: &RunSpec, disk: &mut [u8]) -> Result<(), String> {
 /// is its length and its text).
 pub const EXIT_STUB: &str = "4exit4stub13vm_exit_entry";
 
-/// The RVA of the image's exit stub (HOST_RIP) from the PDB linked with it (the image's CodeView
-/// GUID must match the PDB's: a PDB left from another link would name another address).
+/// The RVA of the image's exit stub (HOST_RIP) from the PDB linked with it ([`pdb_names`]).
 pub fn exit_stub_rva(profile: Profile) -> Result<u32, String> {
+    let (image, names) = pdb_names(profile)?;
+    let pdb = image.pdb.unwrap_or_default();
+    match names.rvas_ending_with(EXIT_STUB)[..] {
+        [rva] => Ok(rva),
+        ref found => Err(format!(
+            "{}: {} functions named {EXIT_STUB}",
+            pdb.display(),
+            found.len()
+        )),
+    }
+}
+
+/// The image in `profile` and its functions' names from the PDB linked with it (the image's
+/// CodeView GUID must match the PDB's: a PDB left from another link would name other
+/// addresses).
+pub fn pdb_names(profile: Profile) -> Result<(Image, ackvisor_image::check::Names), String> {
     let image = built(profile)?;
     let pdb = image
         .pdb
+        .clone()
         .ok_or_else(|| format!("{}: no PDB beside it", image.sys.display()))?;
     let bytes =
         std::fs::read(&image.sys).map_err(|e| format!("read {}: {e}", image.sys.display()))?;
@@ -192,12 +208,5 @@ pub fn exit_stub_rva(profile: Profile) -> Result<u32, String> {
     if names.is_empty() {
         return Err(format!("{} does not match the image", pdb.display()));
     }
-    match names.rvas_ending_with(EXIT_STUB)[..] {
-        [rva] => Ok(rva),
-        ref found => Err(format!(
-            "{}: {} functions named {EXIT_STUB}",
-            pdb.display(),
-            found.len()
-        )),
-    }
+    Ok((image, names))
 }
