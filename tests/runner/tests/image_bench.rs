@@ -10,6 +10,7 @@
 //!   counted in the traced phase, and none it cannot place;
 //! - the image calls KfRaiseIrql and KeLowerIrql through its import table once each per exit
 //!   where it runs an OS handler in root (ack-replay, exit-sti) and never in ack-inject;
+//! - the image unloads with nothing left in the verifier's books and no IRQL violation;
 //! - `e2e` agrees with `guest_overhead` (the guest's TSC gaps, outside the path) within
 //!   [`AGREEMENT`] once the handler's own difference is taken out, as `bench` reports it.
 
@@ -98,6 +99,27 @@ fn check(profile: Profile) {
                 format!("e2e and guest_overhead disagree ({off:?} of e2e, limit {AGREEMENT})"),
             ),
         }
+    }
+    // The scenario loads and unloads the image like nt-driver: nothing left behind.
+    let end = out
+        .lines(image_bench::SCENARIO, None)
+        .find(|l| l.get("unloaded").is_some());
+    let clean = end.is_some_and(|l| {
+        l.num("unloaded") == Some(1)
+            && l.num("leaks") == Some(0)
+            && l.num("irql_violations") == Some(0)
+    });
+    if !clean {
+        failures.push(format!(
+            "{profile:?}: unload line {:?}",
+            end.map(|l| &l.raw)
+        ));
+    }
+    let fatal = out
+        .lines(image_bench::SCENARIO, None)
+        .find(|l| l.get("fatal").is_some());
+    if let Some(l) = fatal {
+        failures.push(format!("{profile:?}: {}", l.raw));
     }
     assert!(
         failures.is_empty(),

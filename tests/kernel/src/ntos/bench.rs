@@ -58,13 +58,14 @@ struct Out(UnsafeCell<[u8; io::BUFFER_BYTES]>);
 unsafe impl Sync for Out {}
 static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
 
-/// The registry path NT passes (the service key), as UTF-16.
-static REGISTRY_PATH: [u16; 9] = {
-    let text = b"\\ackvisor";
-    let mut out = [0u16; 9];
+/// The registry path NT passes: the service key.
+const SERVICE_KEY: &[u8] = b"\\Registry\\Machine\\System\\CurrentControlSet\\Services\\ackvisor";
+/// [`SERVICE_KEY`] as UTF-16.
+static REGISTRY_PATH: [u16; SERVICE_KEY.len()] = {
+    let mut out = [0u16; SERVICE_KEY.len()];
     let mut i = 0;
-    while i < text.len() {
-        out[i] = text[i] as u16;
+    while i < SERVICE_KEY.len() {
+        out[i] = SERVICE_KEY[i] as u16;
         i += 1;
     }
     out
@@ -150,16 +151,11 @@ pub fn run(p: &Params) {
     Line::new(NAME)
         .kv("map", 1)
         .kv("image_base", format_args!("{:#x}", image.base))
-        .kv(
-            "image_end",
-            format_args!("{:#x}", image.base + image.size as usize),
-        )
         .kv("gates_lo", format_args!("{gates_lo:#x}"))
         .kv("gates_hi", format_args!("{gates_hi:#x}"))
         .kv("gate_stride", interrupts::STUB_BYTES)
         .kv("raise_irql", format_args!("{:#x}", export(b"KfRaiseIrql")))
         .kv("lower_irql", format_args!("{:#x}", export(b"KeLowerIrql")))
-        .kv("trace_ticks", p.trace_ticks)
         .print();
     let create = io::send(driver, io::IRP_MJ_CREATE, 0, &[], &mut []);
     if create.is_none_or(|o| o.status != 0) {
@@ -278,7 +274,6 @@ fn measure(driver: *mut DRIVER_OBJECT, mode: Mode, p: &Params) -> bool {
         .kv("gap_sum", g.sum)
         .kv("gaps", g.count)
         .kv("xmm_clobbered", clobbered)
-        .kv("trace_ticks", p.trace_ticks)
         .kv("exits_traced", exits.saturating_sub(gap_exits))
         .kv("replays_traced", replays.saturating_sub(gap_replays))
         .print();
