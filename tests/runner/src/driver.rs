@@ -4,8 +4,9 @@
 //! The image is the project's own Linux build (`tests/image`), built once per process and
 //! profile: the debug image unless the run's `profile` param says `release` (the profile users
 //! ship; `.ci/run`'s `ackimage build-check --release` builds the same file from the same cargo
-//! state, so neither build repeats the other's work). [`attach`] writes it at sector [`BLOB_LBA`] behind a one-sector header (`ACKSYS01`,
-//! length as u64 LE) that the kernel's `ntos::disk` reads back over ATA PIO.
+//! state, so neither build repeats the other's work). [`attach`] writes it at sector
+//! [`BLOB_LBA`] behind a one-sector header (`ACKSYS01`, length as u64 LE) that the kernel's
+//! `ntos::disk` reads back over ATA PIO.
 //!
 //! The `fault` param (`Routine:k`) goes into the header: the kernel's `ntos::fault` makes that
 //! routine fail on its k-th call.

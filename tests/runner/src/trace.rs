@@ -494,6 +494,31 @@ mod tests {
         assert_eq!((r.handler_runs, r.handler_total), (1, 3));
     }
 
+    /// A watched routine: its calls and instructions inside windows, and still root's count;
+    /// the same addresses outside a window (the guest's own calls) are not tallied.
+    #[test]
+    fn watched_routines_are_tallied_apart_inside_windows_only() {
+        let mut c = Counter::new(MAP);
+        c.watch("KfRaiseIrql", 0x3000, 0x10);
+        let feed = |c: &mut Counter, l: String| c.feed(&parse_line(&l).unwrap());
+        feed(&mut c, line(0, 0x3000, "mov rax, cr8")); // the guest calls it: not tallied
+        feed(&mut c, line(0, 0x1000, "sub rsp, 16"));
+        feed(&mut c, line(0, 0x1004, "call qword ptr ds:[rip+8]"));
+        feed(&mut c, line(0, 0x3000, "mov rax, cr8"));
+        feed(&mut c, line(0, 0x3004, "mov cr8, rcx"));
+        feed(&mut c, line(0, 0x3008, "ret"));
+        feed(&mut c, line(0, 0x1010, "vmresume"));
+        let r = c.finish_phase();
+        assert_eq!(r.instructions, 6);
+        assert_eq!(
+            r.watched.get("KfRaiseIrql"),
+            Some(&Watched {
+                calls: 1,
+                instructions: 3
+            })
+        );
+    }
+
     /// Vector registers inside FXSAVE..FXRSTOR are saved; outside they are the guest's.
     #[test]
     fn vector_uses_outside_an_fxsave_bracket_are_unsaved() {
