@@ -24,13 +24,13 @@ const SHAPE: Shape = Shape {
     trace_ticks: 8,
 };
 
-fn check(profile: Profile) {
-    let spec = image_bench::spec(MODELS[0], profile, SHAPE);
+fn check(model: &str, profile: Profile) {
+    let spec = image_bench::spec(model, profile, SHAPE);
     let out = run(&spec).expect("run nt-bench");
     let figures = image_bench::figures(&out, profile).expect("figures from the run");
     let mut failures = Vec::new();
     let mut fail = |f: &ModeFigures, what: String| {
-        failures.push(format!("{profile:?} {}: {what}: {f:?}", f.mode));
+        failures.push(format!("{model} {profile:?} {}: {what}: {f:?}", f.mode));
     };
     for f in &figures {
         let c = &f.count;
@@ -119,7 +119,7 @@ fn check(profile: Profile) {
         .lines(image_bench::SCENARIO, None)
         .find(|l| l.get("fatal").is_some());
     if let Some(l) = fatal {
-        failures.push(format!("{profile:?}: {}", l.raw));
+        failures.push(format!("{model} {profile:?}: {}", l.raw));
     }
     assert!(
         failures.is_empty(),
@@ -132,12 +132,14 @@ fn check(profile: Profile) {
 /// KfRaiseIrql before the OS handler, KeLowerIrql after it (the guest runs at IRQL 0).
 const IRQL_CALLS_PER_ROOT_RUN: f64 = 2.0;
 
-#[test]
-fn image_bench_release() {
-    check(Profile::Release);
+/// The release image (the build users ship), on both CPU models.
+fn image_bench_release(model: &str) {
+    check(model, Profile::Release);
 }
+
+ackvisor_runner::per_model!(image_bench_release);
 
 #[test]
 fn image_bench_debug() {
-    check(Profile::Debug);
+    check(MODELS[0], Profile::Debug);
 }
