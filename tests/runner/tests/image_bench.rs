@@ -111,7 +111,7 @@ fn check(model: &str, profile: Profile) {
     });
     if !clean {
         failures.push(format!(
-            "{profile:?}: unload line {:?}",
+            "{model} {profile:?}: unload line {:?}",
             end.map(|l| &l.raw)
         ));
     }
