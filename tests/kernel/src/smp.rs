@@ -1,4 +1,5 @@
-//! Application processors: INIT-SIPI-SIPI bring-up, their idle loop, and the mailbox behind
+//! Application processors: INIT-SIPI-SIPI bring-up, their idle loop (also the scheduler context
+//! of the miniature NT's threads on that CPU, `ntos::sched`), and the mailbox behind
 //! `Platform::for_each_cpu` (post work, wake the AP with an IPI, wait until it is done).
 //!
 //! **Runs in:** PASSIVE.
@@ -44,10 +45,12 @@ extern "C" fn ap_main(index: u32) -> ! {
             crate::control::serve_ap();
             continue;
         }
-        // `sti; hlt` is atomic (STI's one-instruction shadow), so a wake-up IPI cannot slip in
-        // between the check above and the halt.
-        // SAFETY: interrupts are expected here; the handler only counts the wake-up.
-        unsafe { core::arch::asm!("sti", "hlt", options(nostack)) };
+        // The miniature NT's threads ready on this CPU (moved here by group affinity): this
+        // loop is the AP's scheduler context (`ntos::sched`).
+        if crate::ntos::sched::run_ready() {
+            continue;
+        }
+        crate::ntos::sched::halt_idle();
     }
 }
 

@@ -175,18 +175,23 @@ fn line_with<'a>(
     l
 }
 
-/// DriverEntry, requests as IRPs, a sleep through the power callback, DriverUnload: the image
-/// virtualizes the CPU (CPUID exits counted by its own statistics), seven malformed requests
-/// each get their precise NTSTATUS and Information, and the verifier's books are clean at the
-/// end.
-fn drives_the_real_image(model: &str, profile: Profile) {
+/// DriverEntry, requests as IRPs, a sleep through the power callback, DriverUnload, on `cpus`
+/// CPUs (4 are two processor groups): the image virtualizes every CPU (CPUID costs an exit on
+/// each, probed by the machine on each CPU), each mode set by IOCTL keeps the machine's books on
+/// every CPU and agrees with the image's per-CPU statistics, the sleep devirtualizes every CPU
+/// while the interrupts are still counted natively, the log-drain worker runs on its own before
+/// unload, seven malformed requests each get their precise NTSTATUS and Information, and the
+/// verifier's books are clean at the end. The image is the debug or the release build
+/// (`profile`).
+fn drives_the_real_image(model: &str, cpus: u64, profile: Profile) {
     let run = machine(driver::with_profile(
-        RunSpec::new(model, "nt-driver"),
+        RunSpec::new(model, "nt-driver").cpus(cpus as u32),
         profile,
     ));
     let mut v = Verdict::new(&run);
     if let Some(l) = line_with(&mut v, &run, "entry_status") {
         v.eq(l, "loaded", 1)
+            .eq(l, "cpus", cpus)
             .eq(l, "entry_status", 0)
             .eq(l, "devices", 1)
             .eq(l, "links", 1)
@@ -194,44 +199,93 @@ fn drives_the_real_image(model: &str, profile: Profile) {
             .eq(l, "threads", 1)
             .gt(l, "contiguous_pages", 0)
             .eq(l, "unload_set", 1)
-            .eq(l, "virtualized_by_cpuid", 1)
+            .eq(l, "virtualized_by_cpuid", cpus)
             .eq(l, "refusal_lines", 0)
             .eq(l, "injected", 0);
     }
     if let Some(l) = line_with(&mut v, &run, "create_status") {
         v.eq(l, "create_status", 0)
-            .eq(l, "virtualized", 1)
+            .eq(l, "virtualized", cpus)
             .eq(l, "modes_applied", 4)
             .eq(l, "cpuid_exits", 100)
             .eq(l, "sleep_notified", 1)
             .eq(l, "virtualized_asleep", 0)
-            .eq(l, "virtualized_awake", 1)
+            .eq(l, "virtualized_by_cpuid_asleep", 0)
+            .eq(l, "virtualized_awake", cpus)
+            .eq(l, "virtualized_by_cpuid_awake", cpus)
             .eq(l, "malformed_cases", 7)
             .eq(l, "malformed_precise", 7)
             .eq(l, "close_status", 0);
     }
-    // The machine's own books while the image's hypervisor runs each mode, and the image's
-    // statistics IOCTL: no exit in passthrough, one per interrupt in ack-inject, some (not
-    // those arriving in root) in exit-sti and ack-replay.
+    // The machine's own books on each CPU while the image's hypervisor runs each mode, and the
+    // image's per-CPU statistics: no exit in passthrough; in ack-inject one acknowledged exit
+    // per handler run (plus wake-up IPIs and spurious interrupts, which exit but are not in the
+    // tally's runs); some, never
+    // more than the runs, in exit-sti and ack-replay; no vector with more exits than runs.
     for mode in ["exit-sti", "ack-replay", "ack-inject", "passthrough"] {
-        if let Some(l) = v.line("nt-driver", Some(mode)) {
-            v.eq(l, "stats_reset", 1)
-                .eq(l, "undrained", 0)
-                .eq(l, "lost", 0)
-                .eq(l, "isr_left", 0)
-                .eq(l, "canary_broken", 0)
-                .eq(l, "ctx_violations", 0)
-                .eq(l, "wrong_idt", 0)
-                .eq(l, "unexpected", 0)
-                .gt(l, "ran", 0)
-                .eq_field(l, "ran", "raised");
+        let lines: Vec<_> = run.lines("nt-driver", Some(mode)).collect();
+        if lines.len() as u64 != cpus {
+            v.fail(format!(
+                "mode {mode}: {} per-CPU lines, want {cpus}",
+                lines.len()
+            ));
+        }
+        for (cpu, l) in lines.into_iter().enumerate() {
+            v.eq(l, "cpu", cpu as u64)
+                .eq(l, "stats_reset", 1)
+                .eq(l, "stats_mode_matches", 1)
+                .eq(l, "extint_vectors_over", 0);
+            books_hold(&mut v, l);
+            let ran = l.num("ran").unwrap_or(0);
+            // Wake-up IPIs and spurious interrupts (vector 0xFF) exit too, but are not in `ran`.
+            let with_wakes = ran + l.num("wakes").unwrap_or(0) + l.num("spurious").unwrap_or(0);
             match mode {
-                "passthrough" => v.eq(l, "extint_exits", 0),
-                "ack-inject" => v.eq_field(l, "extint_exits", "ran"),
-                _ => v
-                    .gt(l, "extint_exits", 0)
-                    .le(l, "extint_exits", l.num("ran").unwrap_or(0)),
+                "passthrough" => v.eq(l, "extint_exits", 0).eq(l, "extint_acked", 0),
+                "ack-inject" => {
+                    v.eq_field(l, "extint_acked", "ran")
+                        .eq(l, "extint_exits", with_wakes)
+                }
+                "ack-replay" => v.gt(l, "extint_acked", 0).le(l, "extint_acked", ran).le(
+                    l,
+                    "extint_exits",
+                    with_wakes,
+                ),
+                _ => v.gt(l, "extint_exits", 0).le(l, "extint_exits", with_wakes),
             };
+        }
+    }
+    // During the sleep: every CPU takes its interrupts natively (the machine's books hold, and
+    // they ran), while the image keeps no statistics at all (refused: nothing virtualized).
+    let asleep: Vec<_> = run
+        .lines("nt-driver", None)
+        .filter(|l| l.get("asleep").is_some())
+        .collect();
+    if asleep.len() as u64 != cpus {
+        v.fail(format!("{} per-CPU sleep lines, want {cpus}", asleep.len()));
+    }
+    for (cpu, l) in asleep.into_iter().enumerate() {
+        v.eq(l, "cpu", cpu as u64)
+            .eq(l, "stats_refused_before", 1)
+            .eq(l, "stats_refused_after", 1);
+        books_hold(&mut v, l);
+    }
+    if let Some(l) = line_with(&mut v, &run, "sched_checks") {
+        v.eq(l, "sched_checks", 9).eq(l, "sched_failed", 0);
+    }
+    if let Some(l) = line_with(&mut v, &run, "worker_wakeups") {
+        v.gt(l, "worker_wakeups", 0)
+            .gt(l, "worker_lines", 0)
+            .gt(l, "affinity_group0", 0);
+        if cpus == 1 {
+            v.eq(l, "thread_moves", 0);
+        } else {
+            v.gt(l, "thread_moves", 0);
+        }
+        // The image's every-group loop meets group 1 only when the CPUs are split (4 CPUs).
+        if cpus > 2 {
+            v.gt(l, "affinity_group1", 0);
+        } else {
+            v.eq(l, "affinity_group1", 0);
         }
     }
     if let Some(l) = line_with(&mut v, &run, "unloaded") {
@@ -249,14 +303,28 @@ fn drives_the_real_image(model: &str, profile: Profile) {
     v.finish();
 }
 
+/// One CPU's books of one workload: everything raised ran, nothing left in the ISR, no broken
+/// frame or context.
+fn books_hold(v: &mut Verdict<'_>, l: &ackvisor_runner::ResultLine) {
+    v.eq(l, "undrained", 0)
+        .eq(l, "lost", 0)
+        .eq(l, "isr_left", 0)
+        .eq(l, "canary_broken", 0)
+        .eq(l, "ctx_violations", 0)
+        .eq(l, "wrong_idt", 0)
+        .eq(l, "unexpected", 0)
+        .gt(l, "ran", 0)
+        .eq_field(l, "ran", "raised");
+}
+
 #[test]
 fn nt_driver_haswell() {
-    drives_the_real_image(MODELS[0], Profile::Debug);
+    drives_the_real_image(MODELS[0], 1, Profile::Debug);
 }
 
 #[test]
 fn nt_driver_skylake() {
-    drives_the_real_image(MODELS[1], Profile::Debug);
+    drives_the_real_image(MODELS[1], 1, Profile::Debug);
 }
 
 /// The routines `ntos::fault` can make fail.
@@ -275,9 +343,9 @@ const STATUS_INSUFFICIENT_RESOURCES: u64 = 0xC000_009A;
 /// Every injectable routine fails on each of its calls in turn (the call counts come from a
 /// clean run): DriverEntry refuses with the status, prints its refusal line, leaves the CPU
 /// unvirtualized (CPUID costs what it costs natively) and nothing in the books.
-fn every_refusal_is_clean(model: &str, profile: Profile) {
+fn every_refusal_is_clean(model: &str, cpus: u32, profile: Profile) {
     let clean = machine(driver::with_profile(
-        RunSpec::new(model, "nt-driver"),
+        RunSpec::new(model, "nt-driver").cpus(cpus),
         profile,
     ));
     let calls: Vec<(&str, u64)> = {
@@ -294,7 +362,9 @@ fn every_refusal_is_clean(model: &str, profile: Profile) {
     for (routine, n) in calls {
         assert!(n > 0, "model {model}: DriverEntry never calls {routine}");
         for k in 1..=n {
-            let spec = RunSpec::new(model, "nt-driver").param("fault", format!("{routine}:{k}"));
+            let spec = RunSpec::new(model, "nt-driver")
+                .cpus(cpus)
+                .param("fault", format!("{routine}:{k}"));
             let run = machine(driver::with_profile(spec, profile));
             let mut v = Verdict::new(&run);
             if let Some(l) = line_with(&mut v, &run, "entry_status") {
@@ -323,7 +393,7 @@ fn every_refusal_is_clean(model: &str, profile: Profile) {
 
 #[test]
 fn nt_refusals_haswell() {
-    every_refusal_is_clean(MODELS[0], Profile::Debug);
+    every_refusal_is_clean(MODELS[0], 1, Profile::Debug);
 }
 
 // The release ackvisor.sys (the profile users ship), the same checks: code the optimizer
@@ -341,15 +411,41 @@ fn nt_load_release_skylake() {
 
 #[test]
 fn nt_driver_release_haswell() {
-    drives_the_real_image(MODELS[0], Profile::Release);
+    drives_the_real_image(MODELS[0], 1, Profile::Release);
 }
 
 #[test]
 fn nt_driver_release_skylake() {
-    drives_the_real_image(MODELS[1], Profile::Release);
+    drives_the_real_image(MODELS[1], 1, Profile::Release);
 }
 
 #[test]
 fn nt_refusals_release_haswell() {
-    every_refusal_is_clean(MODELS[0], Profile::Release);
+    every_refusal_is_clean(MODELS[0], 1, Profile::Release);
 }
+
+/// The release image on 4 CPUs (two processor groups): its per-CPU and every-group loops as
+/// the optimizer built them.
+#[test]
+fn nt_driver_release_4_cpus_haswell() {
+    drives_the_real_image(MODELS[0], 4, Profile::Release);
+}
+
+/// nt-driver on 2 CPUs (one group).
+fn nt_driver_2_cpus(model: &str) {
+    drives_the_real_image(model, 2, Profile::Debug);
+}
+
+/// nt-driver on 4 CPUs (two processor groups of 2).
+fn nt_driver_4_cpus(model: &str) {
+    drives_the_real_image(model, 4, Profile::Debug);
+}
+
+/// Every refusal on 2 CPUs: each CPU's contiguous memory is allocated inside the image's
+/// per-CPU loop, so a refusal there comes with one CPU already virtualized, which the image
+/// must take back (the probe finds no CPU virtualized, the books nothing held).
+fn nt_refusals_2_cpus(model: &str) {
+    every_refusal_is_clean(model, 2, Profile::Debug);
+}
+
+ackvisor_runner::per_model!(nt_driver_2_cpus, nt_driver_4_cpus, nt_refusals_2_cpus);

@@ -1,8 +1,9 @@
 //! Scenario `nt-driver`: the real ackvisor.sys through its life as NT drives it: DriverEntry
 //! with a DRIVER_OBJECT and a registry path, then DriverUnload, with the verifier's books
-//! (`routines::BOOKS`) read after each.
+//! (`routines::BOOKS`) read after each. On every CPU the machine has (`cpus`): the image moves
+//! the scenario's thread from CPU to CPU (`sched`), and the scenario measures each CPU itself.
 //!
-//! **Runs in:** PASSIVE, BSP, one CPU.
+//! **Runs in:** PASSIVE, on the BSP's initial thread (the image moves it to every CPU and back).
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
@@ -48,6 +49,7 @@ type DriverEntry = extern "win64" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) 
 
 /// The scenario.
 pub fn scenario(p: &Params) {
+    super::sched_check::run(NAME);
     let Some((_, image)) = super::load_image(NAME) else {
         return;
     };
@@ -81,18 +83,21 @@ pub fn scenario(p: &Params) {
         image.base,
         image.base + image.size as usize
     );
+    let native_each = super::cpus::probe_each();
     let native_ticks = cpuid_ticks();
     let status = entry(driver, &path);
     let entry_ticks = cpuid_ticks();
+    let entry_each = super::cpus::probe_each();
     // SAFETY: DriverEntry has returned; the object is read on this CPU only.
     let unload = unsafe { (*driver).DriverUnload };
     let mut line = Line::new(NAME);
     line.kv("loaded", u32::from(status >= 0))
+        .kv("cpus", crate::percpu::online_count())
         .kv("cpuid_ticks_native", native_ticks)
         .kv("cpuid_ticks_loaded", entry_ticks)
         .kv(
             "virtualized_by_cpuid",
-            u32::from(virtualized_by_cpuid(native_ticks, entry_ticks)),
+            super::cpus::count_virtualized(&native_each, &entry_each),
         )
         .kv(
             "refusal_lines",
@@ -112,19 +117,20 @@ pub fn scenario(p: &Params) {
     super::fault::report_calls(&mut line);
     line.print();
     if status >= 0 {
-        requests(driver, p);
+        requests(driver, p, &native_each);
     }
     if let Some(unload) = unload {
         // SAFETY: DriverUnload of the image, set by DriverEntry, called once at PASSIVE.
         unsafe { unload(driver) };
     }
     let after_ticks = cpuid_ticks();
+    let after_each = super::cpus::probe_each();
     Line::new(NAME)
         .kv("unloaded", u32::from(unload.is_some()))
         .kv("cpuid_ticks_after", after_ticks)
         .kv(
             "virtualized_after",
-            u32::from(virtualized_by_cpuid(native_ticks, after_ticks)),
+            super::cpus::count_virtualized(&native_each, &after_each),
         )
         .kv("leaks", BOOKS.leaks())
         .kv("misuses", BOOKS.misuses.load(Ordering::Acquire))
@@ -166,38 +172,11 @@ static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
 /// CPUID's basic exit reason: CPUID exits unconditionally in VMX non-root operation, so the
 /// count the stats IOCTL reports for it proves this CPU runs virtualized.
 const EXIT_CPUID: usize = 10;
-/// A virtualized CPU takes a VM exit on every CPUID: hundreds of instructions of the image's root
-/// code each, where natively it is one. More than this factor over the native figure means
-/// virtualized.
-const VIRTUALIZED_FACTOR: u64 = 4;
 
-/// TSC ticks (Bochs: instructions) of [`CPUID_PROBES`] CPUIDs, interrupts off.
-fn cpuid_ticks() -> u64 {
-    let flags = crate::arch::rflags();
-    crate::arch::cli();
-    let start = crate::arch::rdtsc();
-    for leaf in 0..CPUID_PROBES {
-        let _ = crate::arch::cpuid(leaf as u32 & 1, 0);
-    }
-    let ticks = crate::arch::rdtsc() - start;
-    if flags & (1 << 9) != 0 {
-        // SAFETY: interrupts were on before the probe; the IDT and LAPIC are ready.
-        unsafe { crate::arch::sti() };
-    }
-    ticks
-}
-
-fn virtualized_by_cpuid(native: u64, now: u64) -> bool {
-    now > native.saturating_mul(VIRTUALIZED_FACTOR)
-}
-
-/// The external-interrupt exit reason.
-const EXIT_EXTERNAL_INTERRUPT: usize = 1;
-/// CPUIDs the probe executes.
-const CPUID_PROBES: u64 = 100;
+use super::cpus::{CPUID_PROBES, cpuid_ticks};
 
 /// One DEVICE_CONTROL with `request`'s input; the outcome and the reply bytes.
-fn ioctl(
+pub(super) fn ioctl(
     driver: *mut DRIVER_OBJECT,
     request: Request,
     out_len: usize,
@@ -241,34 +220,6 @@ impl core::fmt::Display for Count {
     }
 }
 
-/// The test machine's workload (clock, self-IPIs, nesting) in `mode` of the image's hypervisor;
-/// one line of the machine's own books.
-fn workload_in(driver: *mut DRIVER_OBJECT, mode: Mode, p: &Params) {
-    let reset = ioctl(driver, Request::ResetStats, wire::ResetStatsReply::SIZE);
-    let cpu = crate::percpu::this_cpu();
-    cpu.counts.reset();
-    let drained = crate::workload::run(crate::workload::Shape {
-        rounds: p.rounds,
-        clock_period: p.clock_period,
-        stretch: p.stretch,
-        team: 1,
-        cross: false,
-    });
-    let t = crate::workload::Tally::of(cpu, None, drained);
-    let mut line = Line::new(NAME);
-    line.kv("mode", mode.name())
-        .kv(
-            "stats_reset",
-            u32::from(reset.is_some_and(|(o, _)| o.status == 0)),
-        )
-        .kv(
-            "extint_exits",
-            Count(exits(driver, EXIT_EXTERNAL_INTERRUPT).and_then(|n| u32::try_from(n).ok())),
-        );
-    t.write(&mut line);
-    line.print();
-}
-
 /// One DEVICE_CONTROL with raw input and an output of `out_len` bytes (in the static buffer).
 pub fn ioctl_raw(
     driver: *mut DRIVER_OBJECT,
@@ -309,8 +260,9 @@ fn exits(driver: *mut DRIVER_OBJECT, reason: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes))
 }
 
-/// CREATE, status, every mode by IOCTL, the CPUID probe through the statistics, CLOSE.
-fn requests(driver: *mut DRIVER_OBJECT, p: &Params) {
+/// CREATE, status, every mode by IOCTL, the CPUID probe through the statistics, a sleep,
+/// malformed requests, CLOSE.
+fn requests(driver: *mut DRIVER_OBJECT, p: &Params, native_each: &[u64; crate::percpu::MAX_CPUS]) {
     let mut line = Line::new(NAME);
     let create = io::send(driver, io::IRP_MJ_CREATE, 0, &[], &mut []);
     line.kv("create_status", create.map_or(-1, |o| o.status));
@@ -330,9 +282,16 @@ fn requests(driver: *mut DRIVER_OBJECT, p: &Params) {
         {
             modes_applied += 1;
         }
-        workload_in(driver, mode, p);
+        super::cpus::workload_in(driver, mode, p);
+        // Where NT's clock would end the thread's quantum: the log-drain worker runs if its
+        // period has passed (`sched`: no preemption).
+        super::sched::yield_now();
     }
     line.kv("modes_applied", modes_applied);
+    // Before the sleep: its power callback drains the rings on this thread. The release image
+    // sets the four modes in less than one worker period, so afterwards the worker found the
+    // rings empty and printed nothing (worker_lines=0); here the mode changes' records wait.
+    worker_ran();
     let before = cpuid_exits(driver);
     for leaf in 0..CPUID_PROBES {
         let _ = crate::arch::cpuid(leaf as u32 & 1, 0);
@@ -344,12 +303,60 @@ fn requests(driver: *mut DRIVER_OBJECT, p: &Params) {
     };
     // A sleep as NT announces it: PO_CB_SYSTEM_STATE_LOCK with 0 before, 1 after the wake.
     let notified = super::routines::notify_power_state(0);
+    let asleep_each = super::cpus::probe_each();
     line.kv("sleep_notified", u32::from(notified))
-        .kv("virtualized_asleep", virtualized(driver));
+        .kv("virtualized_asleep", virtualized(driver))
+        .kv(
+            "virtualized_by_cpuid_asleep",
+            super::cpus::count_virtualized(native_each, &asleep_each),
+        );
+    // The interrupts keep flowing while the image is out of VMX operation: counted natively.
+    super::cpus::workload_asleep(driver, p);
     super::routines::notify_power_state(1);
-    line.kv("virtualized_awake", virtualized(driver));
+    let awake_each = super::cpus::probe_each();
+    line.kv("virtualized_awake", virtualized(driver)).kv(
+        "virtualized_by_cpuid_awake",
+        super::cpus::count_virtualized(native_each, &awake_each),
+    );
     super::malformed::sweep(driver, &mut line);
     let close = io::send(driver, io::IRP_MJ_CLOSE, 0, &[], &mut []);
     line.kv("close_status", close.map_or(-1, |o| o.status));
     line.print();
+}
+
+/// The log-drain worker's period (ackvisor's `log_drain::PERIOD_MS`) in TSC ticks (50 per µs).
+const WORKER_PERIOD_TICKS: u64 = 250 * 50_000;
+/// How long the scenario sleeps at most for the worker to show it ran.
+const WORKER_WAIT_TICKS: u64 = 3 * WORKER_PERIOD_TICKS;
+/// The slices it sleeps in.
+const WORKER_SLICE_TICKS: u64 = WORKER_PERIOD_TICKS / 10;
+
+/// Before unload: the image's log-drain worker has run on its own (woken by its period, it
+/// printed the rings' records), not only when unload stops it. The scenario's thread sleeps
+/// (a timed wait: its CPU runs the worker meanwhile) until it has, or a bound passes.
+fn worker_ran() {
+    let start = crate::arch::rdtsc();
+    let shown = || {
+        super::sched::system_wakeups() > 0
+            && exports::SYSTEM_THREAD_LINES.load(Ordering::Acquire) > 0
+    };
+    while !shown() && crate::arch::rdtsc() - start < WORKER_WAIT_TICKS {
+        super::waits::sleep(WORKER_SLICE_TICKS);
+    }
+    Line::new(NAME)
+        .kv("worker_wakeups", super::sched::system_wakeups())
+        .kv(
+            "worker_lines",
+            exports::SYSTEM_THREAD_LINES.load(Ordering::Acquire),
+        )
+        .kv("thread_moves", super::sched::MOVES.load(Ordering::Acquire))
+        .kv(
+            "affinity_group0",
+            super::routines::AFFINITY_CALLS_BY_GROUP[0].load(Ordering::Acquire),
+        )
+        .kv(
+            "affinity_group1",
+            super::routines::AFFINITY_CALLS_BY_GROUP[1].load(Ordering::Acquire),
+        )
+        .print();
 }

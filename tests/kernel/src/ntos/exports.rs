@@ -5,9 +5,9 @@
 //! a violation is counted and the first offender named ([`IRQL_VIOLATIONS`], [`first_violation`]).
 //! IRQL is CR8, as on x64 NT.
 //!
-//! The routines with state live in `routines` and `threads`. A routine (or a case of one) the
-//! miniature NT does not provide yet is [`unimplemented`]: a call ends the run with a `fatal=1`
-//! line naming it, never a silent success.
+//! The routines with state live in `routines`, `threads` and `sched`. A routine the miniature NT
+//! does not provide is not in the table, so the loader refuses an image that imports it; a wait
+//! no thread can ever satisfy ends the run ([`unimplemented_deadlock`]), never a silent success.
 //!
 //! **Runs in:** whatever IRQL the image calls at (each routine names its rule).
 
@@ -57,12 +57,7 @@ fn violation(routine: &'static str) {
     crate::kprintln!("ntos: IRQL violation: {routine} at IRQL {}", arch::cr8());
 }
 
-/// Ends the run naming a routine (or a case of one) the miniature NT does not provide yet.
-pub fn unimplemented(routine: &str) -> ! {
-    crate::report::fatal_result(format_args!("unimplemented={routine}"))
-}
-
-/// Ends the run: a wait without a timeout on an object no other thread can signal.
+/// Ends the run: a wait without a timeout outside any thread, which nothing could end.
 pub fn unimplemented_deadlock(routine: &str) -> ! {
     crate::report::fatal_result(format_args!("deadlock={routine}"))
 }
@@ -126,6 +121,9 @@ extern "win64" fn nt_dbg_print_ex(
         }
     }
     crate::kprint!("ntos: dbg: {}", out.as_str());
+    if super::sched::in_system_thread() {
+        SYSTEM_THREAD_LINES.fetch_add(1, Ordering::AcqRel);
+    }
     if out.as_str().contains(REFUSAL) {
         REFUSAL_LINES.fetch_add(1, Ordering::AcqRel);
     }
@@ -135,6 +133,8 @@ extern "win64" fn nt_dbg_print_ex(
 /// What ackvisor's DbgPrintEx line says when DriverEntry refuses (README: "Why ackvisor refused
 /// to load").
 const REFUSAL: &str = "refusing to load";
+/// DbgPrintEx lines printed by a system thread (ackvisor's log-drain worker).
+pub static SYSTEM_THREAD_LINES: AtomicU32 = AtomicU32::new(0);
 /// DbgPrintEx lines that said [`REFUSAL`].
 pub static REFUSAL_LINES: AtomicU32 = AtomicU32::new(0);
 
@@ -214,33 +214,31 @@ extern "win64" fn nt_ke_lower_irql(new: u8) {
     unsafe { arch::set_cr8(new) };
 }
 
-// --- Processors (one group: group 0 holds every CPU) ---
+// --- Processors (as processor groups: `groups`) ---
 
-/// `KeQueryActiveProcessorCountEx(GroupNumber)`: any IRQL. `ALL_PROCESSOR_GROUPS` (0xFFFF) or
-/// group 0 → every online CPU; any other group → 0.
+/// `KeQueryActiveProcessorCountEx(GroupNumber)`: any IRQL. `ALL_PROCESSOR_GROUPS` (0xFFFF) →
+/// every online CPU; a group → its CPUs; a group that does not exist → 0.
 extern "win64" fn nt_ke_query_active_processor_count_ex(group: u16) -> u32 {
+    const ALL_PROCESSOR_GROUPS: u16 = 0xFFFF;
     irql_check("KeQueryActiveProcessorCountEx", HIGH_LEVEL);
     match group {
-        0 | 0xFFFF => crate::percpu::online_count(),
-        _ => 0,
+        ALL_PROCESSOR_GROUPS => super::groups::online(),
+        g => super::groups::active_in(g),
     }
 }
 
-/// `KeGetCurrentProcessorNumberEx(ProcNumber)`: any IRQL; returns the system-wide index.
-extern "win64" fn nt_ke_get_current_processor_number_ex(
+/// `KeGetCurrentProcessorNumberEx(ProcNumber)`: any IRQL; the CPU the calling thread runs on
+/// now, as its system-wide index (and group/number).
+pub(super) extern "win64" fn nt_ke_get_current_processor_number_ex(
     number: *mut super::layout::PROCESSOR_NUMBER,
 ) -> u32 {
     irql_check("KeGetCurrentProcessorNumberEx", HIGH_LEVEL);
     let index = crate::percpu::this_cpu().index.load(Ordering::Relaxed);
-    if !number.is_null() {
+    if !number.is_null()
+        && let Some(n) = super::groups::number_of(index)
+    {
         // SAFETY: the caller passes a PROCESSOR_NUMBER to fill (or null, checked above).
-        unsafe {
-            number.write(super::layout::PROCESSOR_NUMBER {
-                Group: 0,
-                Number: index as u8,
-                Reserved: 0,
-            })
-        };
+        unsafe { number.write(n) };
     }
     index
 }
@@ -253,17 +251,14 @@ extern "win64" fn nt_ke_get_processor_number_from_index(
 ) -> i32 {
     const STATUS_INVALID_PARAMETER: i32 = 0xC000_000Du32 as i32;
     irql_check("KeGetProcessorNumberFromIndex", HIGH_LEVEL);
-    if index >= crate::percpu::online_count() || number.is_null() {
+    let Some(n) = super::groups::number_of(index) else {
+        return STATUS_INVALID_PARAMETER;
+    };
+    if number.is_null() {
         return STATUS_INVALID_PARAMETER;
     }
     // SAFETY: the caller passes a PROCESSOR_NUMBER to fill (null rejected above).
-    unsafe {
-        number.write(super::layout::PROCESSOR_NUMBER {
-            Group: 0,
-            Number: index as u8,
-            Reserved: 0,
-        })
-    };
+    unsafe { number.write(n) };
     0
 }
 

@@ -22,8 +22,9 @@ pub const IRP_MJ_CLOSE: u8 = 0x02;
 pub const IRP_MJ_DEVICE_CONTROL: u8 = 0x0E;
 /// `IO_TYPE_IRP`.
 const IO_TYPE_IRP: i16 = 6;
-/// The largest SystemBuffer a request may have here.
-pub const BUFFER_BYTES: usize = 16 * 1024;
+/// The largest SystemBuffer a request may have here: a per-CPU statistics reply of 4 CPUs
+/// (five 7 KiB entries) fits.
+pub const BUFFER_BYTES: usize = 64 * 1024;
 
 /// `Parameters.DeviceIoControl` of IO_STACK_LOCATION as wdm.h declares it on x64: each ULONG is
 /// `POINTER_ALIGNMENT` (8). windows-sys's `IO_STACK_LOCATION_0_16` drops that alignment (its

@@ -4,8 +4,11 @@
 //! (`layout`).
 //!
 //! The routines with state are in `routines` (memory, devices, callbacks, dispatcher objects,
-//! handles, the verifier's books), `threads` (system threads without a scheduler) and `io`
-//! (IRPs and their completion); `fault` makes a routine fail on demand, `quirks` completes what
+//! handles, the verifier's books), `threads` (system threads and their handles) on `sched` (a
+//! cooperative scheduler per CPU that also moves threads between CPUs, switching with
+//! `context`), `waits` (events, mutexes, thread objects, timeouts; checked by `sched_check`),
+//! `groups` (the CPUs as processor groups) and `io` (IRPs and their completion); `cpus` holds
+//! `nt-driver`'s per-CPU measurements; `fault` makes a routine fail on demand, `quirks` completes what
 //! Bochs lacks.
 //!
 //! Scenario `nt-load` loads the image and reports what the load did; a broken image gets a
@@ -13,20 +16,26 @@
 //! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload. Scenario
 //! `nt-bench` (`bench`) measures the image's exit path with the test kernel's benchmark.
 //!
-//! **Runs in:** PASSIVE, BSP.
+//! **Runs in:** PASSIVE, on the BSP's initial thread (which moves to other CPUs and back).
 
 pub mod bench;
+pub mod context;
+pub mod cpus;
 pub mod disk;
 pub mod driver;
 pub mod exports;
 pub mod fault;
+pub mod groups;
 pub mod io;
 pub mod layout;
 pub mod loader;
 pub mod malformed;
 pub mod quirks;
 pub mod routines;
+pub mod sched;
+pub mod sched_check;
 pub mod threads;
+pub mod waits;
 
 use core::cell::UnsafeCell;
 

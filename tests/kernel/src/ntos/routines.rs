@@ -2,16 +2,17 @@
 //! callbacks (`Ex*`), dispatcher objects and waits (`Ke*`), threads and handles (`Ps*`, `Ob*`,
 //! `Zw*`), and the verifier's books of what the image holds ([`Books`]).
 //!
-//! One processor, one thread of control: the kernel has no scheduler yet. Simplifications, each
-//! named where it is made:
-//! - a system thread does not run when created; it runs to its end (on its own stack) the first
-//!   time someone waits on it, which is when ackvisor needs its worker gone;
-//! - a wait on an object that is not signaled cannot be satisfied by another thread: with a
-//!   timeout it times out at once, without one it is a deadlock and ends the run;
-//! - `KeSetSystemGroupAffinityThread` accepts only the CPU the caller already runs on (group 0),
-//!   so runs of one CPU only; any other CPU ends the run naming the routine.
+//! Threads, waits and affinity run on the cooperative scheduler (`sched`): a wait that cannot be
+//! satisfied blocks the calling thread and its CPU runs another; KeSetSystemGroupAffinityThread
+//! moves the calling thread to the CPU it names (`groups` maps group and number to the CPU).
+//! Simplifications, each named where it is made:
+//! - no preemption and no load balancing (see `sched`'s module comment);
+//! - an affinity must name exactly one CPU: a mask of several CPUs is counted as a misuse (NT
+//!   would let the thread run on any of them), as is one naming a CPU that does not exist;
+//! - the `Wait` argument of KeSetEvent/KeReleaseMutex is ignored (it only lets NT keep the
+//!   dispatcher lock into the caller's next wait).
 //!
-//! **Runs in:** PASSIVE unless a routine says otherwise; one CPU.
+//! **Runs in:** PASSIVE unless a routine says otherwise; any CPU.
 
 use core::ffi::c_void;
 use core::ptr::{self, NonNull, null_mut};
@@ -30,7 +31,6 @@ const APC: u8 = 1;
 const DISPATCH: u8 = 2;
 
 const STATUS_SUCCESS: i32 = 0;
-const STATUS_TIMEOUT: i32 = 0x102;
 const STATUS_INVALID_HANDLE: i32 = 0xC000_0008_u32 as i32;
 const STATUS_INVALID_PARAMETER: i32 = 0xC000_000D_u32 as i32;
 const STATUS_OBJECT_NAME_NOT_FOUND: i32 = 0xC000_0034_u32 as i32;
@@ -206,37 +206,81 @@ pub extern "win64" fn ke_unstack_detach_process(_apc: *mut c_void) {
 
 // --- Affinity ---
 
-/// `KeSetSystemGroupAffinityThread(Affinity, PreviousAffinity)`: IRQL ≤ DISPATCH. Simplified:
-/// only the CPU the caller runs on (see the module comment).
+/// KeSetSystemGroupAffinityThread calls by the group they named (groups 0 and 1).
+pub static AFFINITY_CALLS_BY_GROUP: [AtomicU32; 2] = [const { AtomicU32::new(0) }; 2];
+
+/// The CPU `affinity` names, or a counted misuse naming why not.
+fn affinity_target(routine: &str, affinity: *const GROUP_AFFINITY) -> Option<u32> {
+    if affinity.is_null() {
+        misuse(routine);
+        return None;
+    }
+    // SAFETY: the caller passes a valid GROUP_AFFINITY (null checked above).
+    let a = unsafe { affinity.read() };
+    match super::groups::index_of(&a) {
+        Ok(index) => Some(index),
+        Err(e) => {
+            BOOKS.misuses.fetch_add(1, Ordering::AcqRel);
+            crate::kprintln!(
+                "ntos: misuse: {routine} group {} mask {:#x}: {e:?}",
+                a.Group,
+                a.Mask
+            );
+            None
+        }
+    }
+}
+
+/// `KeSetSystemGroupAffinityThread(Affinity, PreviousAffinity)`: IRQL ≤ DISPATCH. Moves the
+/// calling thread to the one CPU `Affinity` names (its stack continues there); writes the
+/// thread's previous system affinity, Mask 0 when it ran with its user affinity. Simplified:
+/// exactly one CPU (see the module comment); at DISPATCH the move happens at once (NT defers the
+/// switch until the IRQL drops; ackvisor calls at PASSIVE).
 pub extern "win64" fn ke_set_system_group_affinity_thread(
     affinity: *const GROUP_AFFINITY,
     previous: *mut GROUP_AFFINITY,
 ) {
     irql_check("KeSetSystemGroupAffinityThread", DISPATCH);
-    let me = crate::percpu::this_cpu().index.load(Ordering::Relaxed);
-    // SAFETY: the caller passes a valid GROUP_AFFINITY (or null, checked).
-    let wanted = (!affinity.is_null()).then(|| unsafe { affinity.read() });
-    match wanted {
-        Some(a) if a.Group == 0 && a.Mask == 1usize << me => {}
-        _ => super::exports::unimplemented("KeSetSystemGroupAffinityThread_other_cpu"),
+    let Some(target) = affinity_target("KeSetSystemGroupAffinityThread", affinity) else {
+        return;
+    };
+    // SAFETY: valid (affinity_target read it).
+    let group = usize::from(unsafe { affinity.read() }.Group);
+    if let Some(n) = AFFINITY_CALLS_BY_GROUP.get(group) {
+        n.fetch_add(1, Ordering::AcqRel);
     }
+    let before = super::sched::set_affinity(Some(target));
     if !previous.is_null() {
-        let all = (1usize << crate::percpu::online_count()) - 1;
-        // SAFETY: the caller passes a GROUP_AFFINITY to fill (null checked).
-        unsafe {
-            previous.write(GROUP_AFFINITY {
-                Mask: all,
+        let value = before.map_or(
+            GROUP_AFFINITY {
+                Mask: 0,
                 Group: 0,
                 Reserved: [0; 3],
-            })
-        };
+            },
+            super::groups::affinity_of,
+        );
+        // SAFETY: the caller passes a GROUP_AFFINITY to fill (null checked).
+        unsafe { previous.write(value) };
     }
 }
 
-/// `KeRevertToUserGroupAffinityThread(PreviousAffinity)`: IRQL ≤ DISPATCH. The thread already
-/// runs on the only CPU it may.
-pub extern "win64" fn ke_revert_to_user_group_affinity_thread(_previous: *const GROUP_AFFINITY) {
+/// `KeRevertToUserGroupAffinityThread(PreviousAffinity)`: IRQL ≤ DISPATCH. Mask 0 restores the
+/// thread's user affinity (the CPU it was created on, where it moves back); anything else is
+/// the system affinity to restore.
+pub extern "win64" fn ke_revert_to_user_group_affinity_thread(previous: *const GROUP_AFFINITY) {
     irql_check("KeRevertToUserGroupAffinityThread", DISPATCH);
+    // SAFETY: the caller passes what KeSetSystemGroupAffinityThread wrote (or null, checked).
+    let mask = (!previous.is_null()).then(|| unsafe { previous.read() }.Mask);
+    match mask {
+        None | Some(0) => {
+            super::sched::set_affinity(None);
+        }
+        Some(_) => {
+            if let Some(target) = affinity_target("KeRevertToUserGroupAffinityThread", previous) {
+                super::sched::set_affinity(Some(target));
+            }
+        }
+    }
 }
 
 // --- Devices and links ---
@@ -431,11 +475,7 @@ pub extern "win64" fn ex_unregister_callback(registration: *mut c_void) {
 
 // --- Dispatcher objects ---
 
-/// DISPATCHER_HEADER.Type values (wdm.h's KOBJECTS).
-const EVENT_NOTIFICATION: u8 = 0;
-const EVENT_SYNCHRONIZATION: u8 = 1;
-const MUTANT: u8 = 2;
-const THREAD: u8 = 6;
+use super::waits::{EVENT_NOTIFICATION, EVENT_SYNCHRONIZATION, MUTANT, Timeout};
 
 /// `KeInitializeEvent(Event, Type, State)`: any IRQL.
 pub extern "win64" fn ke_initialize_event(event: *mut KEVENT, kind: u32, state: u8) {
@@ -443,27 +483,33 @@ pub extern "win64" fn ke_initialize_event(event: *mut KEVENT, kind: u32, state: 
     if event.is_null() {
         return;
     }
+    let kind = match kind {
+        0 => EVENT_NOTIFICATION,
+        1 => EVENT_SYNCHRONIZATION,
+        _ => {
+            misuse("KeInitializeEvent of an unknown event type");
+            return;
+        }
+    };
     // SAFETY: KEVENT is integers and list links: zero is valid.
     let zero: KEVENT = unsafe { core::mem::zeroed() };
     // SAFETY: the caller passes a KEVENT to initialize.
     unsafe { event.write(zero) };
     // SAFETY: as above; Type is the header's first byte.
-    unsafe { event.cast::<u8>().write(kind as u8) };
+    unsafe { event.cast::<u8>().write(kind) };
     // SAFETY: as above.
     unsafe { (*event).Header.SignalState = i32::from(state) };
 }
 
-/// `KeSetEvent(Event, Increment, Wait)`: IRQL ≤ DISPATCH. Returns the previous state.
+/// `KeSetEvent(Event, Increment, Wait)`: IRQL ≤ DISPATCH. Returns the previous state; a
+/// notification event releases every waiter and stays set, a synchronization event releases
+/// one waiter and is reset by it.
 pub extern "win64" fn ke_set_event(event: *mut KEVENT, _increment: i32, _wait: u8) -> i32 {
     irql_check("KeSetEvent", DISPATCH);
     if event.is_null() {
         return 0;
     }
-    // SAFETY: an initialized KEVENT (the caller's contract).
-    let previous = unsafe { (*event).Header.SignalState };
-    // SAFETY: as above.
-    unsafe { (*event).Header.SignalState = 1 };
-    previous
+    super::waits::set_event(event.cast())
 }
 
 /// `KeInitializeMutex(Mutex, Level)`: PASSIVE. Signaled (free), no owner.
@@ -482,53 +528,32 @@ pub extern "win64" fn ke_initialize_mutex(mutex: *mut KMUTEX, _level: u32) {
     unsafe { (*mutex).Header.SignalState = 1 };
 }
 
-/// `KeReleaseMutex(Mutex, Wait)`: IRQL ≤ DISPATCH. Releasing a mutex not held is NT's bugcheck
-/// MUTEX_LEVEL_NUMBER_VIOLATION/THREAD_NOT_MUTEX_OWNER; here a misuse.
+/// `KeReleaseMutex(Mutex, Wait)`: IRQL ≤ DISPATCH. Releasing a mutex not held, or held by
+/// another thread, is NT's bugcheck (MUTEX_LEVEL_NUMBER_VIOLATION/THREAD_NOT_MUTEX_OWNER);
+/// here a misuse. The last release of the owner hands the mutex to one waiter.
 pub extern "win64" fn ke_release_mutex(mutex: *mut KMUTEX, _wait: u8) -> i32 {
     irql_check("KeReleaseMutex", DISPATCH);
     if mutex.is_null() {
         return 0;
     }
-    // SAFETY: an initialized KMUTEX (the caller's contract).
-    let state = unsafe { (*mutex).Header.SignalState };
-    if state >= 1 {
-        misuse("KeReleaseMutex of a mutex not held");
-        return state;
-    }
-    // SAFETY: as above.
-    unsafe { (*mutex).Header.SignalState = state + 1 };
-    state
-}
-
-/// Satisfies a wait on `object` now if it is signaled (taking it if that is its type's rule).
-fn try_acquire(object: *mut c_void) -> Option<bool> {
-    let header = object.cast::<windows_sys::Wdk::Foundation::DISPATCHER_HEADER>();
-    // SAFETY: a dispatcher object (the caller's contract); Type is its first byte.
-    let kind = unsafe { object.cast::<u8>().read() };
-    // SAFETY: as above.
-    let state = unsafe { (*header).SignalState };
-    match kind {
-        EVENT_NOTIFICATION => Some(state > 0),
-        EVENT_SYNCHRONIZATION => {
-            if state > 0 {
-                // SAFETY: as above.
-                unsafe { (*header).SignalState = 0 };
-            }
-            Some(state > 0)
+    match super::waits::release_mutex(mutex.cast()) {
+        Ok(previous) => previous,
+        Err(super::waits::ReleaseError::NotHeld) => {
+            misuse("KeReleaseMutex of a mutex not held");
+            1
         }
-        // The single thread owns every mutex it holds: recursion is NT's rule for an owner.
-        MUTANT => {
-            // SAFETY: as above.
-            unsafe { (*header).SignalState = state - 1 };
-            Some(true)
+        Err(super::waits::ReleaseError::NotOwner) => {
+            misuse("KeReleaseMutex by a thread that does not own it");
+            0
         }
-        THREAD => Some(super::threads::wait_thread(object)),
-        _ => None,
     }
 }
 
 /// `KeWaitForSingleObject(Object, WaitReason, WaitMode, Alertable, Timeout)`: IRQL ≤ DISPATCH,
-/// and PASSIVE..APC unless the timeout is zero.
+/// and PASSIVE..APC unless the timeout is zero. Blocks the calling thread until the event,
+/// mutex or thread object is signaled (taking the mutex), or the timeout (relative when
+/// negative, 100 ns units, measured on the TSC) passes: STATUS_TIMEOUT. Simplified: not
+/// alertable (no APCs exist).
 pub extern "win64" fn ke_wait_for_single_object(
     object: *mut c_void,
     _reason: u32,
@@ -537,35 +562,26 @@ pub extern "win64" fn ke_wait_for_single_object(
     timeout: *const i64,
 ) -> i32 {
     // SAFETY: the caller passes a LARGE_INTEGER or null.
-    let zero_timeout = !timeout.is_null() && unsafe { timeout.read() } == 0;
+    let value = (!timeout.is_null()).then(|| unsafe { timeout.read() });
     irql_check(
         "KeWaitForSingleObject",
-        if zero_timeout { DISPATCH } else { APC },
+        if value == Some(0) { DISPATCH } else { APC },
     );
-    wait(object, !timeout.is_null(), "KeWaitForSingleObject")
+    super::waits::wait(object, Timeout::from_nt(value))
 }
 
-fn wait(object: *mut c_void, has_timeout: bool, routine: &str) -> i32 {
-    if object.is_null() {
-        return STATUS_INVALID_PARAMETER;
-    }
-    match try_acquire(object) {
-        Some(true) => STATUS_SUCCESS,
-        Some(false) if has_timeout => STATUS_TIMEOUT,
-        Some(false) => super::exports::unimplemented_deadlock(routine),
-        None => STATUS_OBJECT_TYPE_MISMATCH,
-    }
-}
-
-/// `ZwWaitForSingleObject(Handle, Alertable, Timeout)`: PASSIVE.
+/// `ZwWaitForSingleObject(Handle, Alertable, Timeout)`: PASSIVE. As KeWaitForSingleObject on
+/// the handle's object (only thread handles exist).
 pub extern "win64" fn zw_wait_for_single_object(
     handle: usize,
     _alertable: u8,
     timeout: *const i64,
 ) -> i32 {
     irql_check("ZwWaitForSingleObject", PASSIVE);
+    // SAFETY: the caller passes a LARGE_INTEGER or null.
+    let value = (!timeout.is_null()).then(|| unsafe { timeout.read() });
     match super::threads::object_of(handle) {
-        Some(object) => wait(object, !timeout.is_null(), "ZwWaitForSingleObject"),
+        Some(object) => super::waits::wait(object, Timeout::from_nt(value)),
         None => STATUS_INVALID_HANDLE,
     }
 }
@@ -587,9 +603,11 @@ pub extern "win64" fn ob_reference_object_by_handle(
     if !object_type.is_null() && object_type != super::exports::thread_type() {
         return STATUS_OBJECT_TYPE_MISMATCH;
     }
-    let Some(object) = super::threads::object_of(handle) else {
+    let Some(slot) = super::threads::slot_of_handle(handle) else {
         return STATUS_INVALID_HANDLE;
     };
+    let object = super::sched::object(slot);
+    super::sched::reference(slot);
     BOOKS.references.fetch_add(1, Ordering::AcqRel);
     // SAFETY: out-param, checked non-null.
     unsafe { out.write(object) };
@@ -602,16 +620,21 @@ pub extern "win64" fn obf_dereference_object(object: *mut c_void) -> isize {
     if object.is_null() || BOOKS.references.fetch_sub(1, Ordering::AcqRel) <= 0 {
         misuse("ObfDereferenceObject without a reference");
     }
+    if let Some(slot) = super::sched::slot_of_object(object)
+        && !super::sched::dereference(slot)
+    {
+        misuse("ObfDereferenceObject of a thread without a reference");
+    }
     0
 }
 
 /// `ZwClose(Handle)`: PASSIVE.
 pub extern "win64" fn zw_close(handle: usize) -> i32 {
     irql_check("ZwClose", PASSIVE);
-    if super::threads::object_of(handle).is_none() {
+    let Some(slot) = super::threads::slot_of_handle(handle) else {
         return STATUS_INVALID_HANDLE;
-    }
-    if BOOKS.handles.fetch_sub(1, Ordering::AcqRel) <= 0 {
+    };
+    if BOOKS.handles.fetch_sub(1, Ordering::AcqRel) <= 0 || !super::sched::dereference(slot) {
         misuse("ZwClose of a closed handle");
     }
     STATUS_SUCCESS
