@@ -22,7 +22,14 @@
 //!   end of its quantum); the scenarios yield where NT's clock would have switched;
 //! - no load balancing: a thread runs on one CPU at a time, the one it was created on (its
 //!   "user affinity"), unless it sets a system affinity; no priorities, no APCs, no alertable
-//!   waits.
+//!   waits;
+//! - a move at DISPATCH_LEVEL happens at once (NT defers it until IRQL drops), and a wait with
+//!   a timeout at DISPATCH or above is counted as an IRQL violation and then blocks (NT would
+//!   bugcheck); a switch inside an interrupt handler ends the run (`leave`);
+//! - timeouts expire on the TSC exactly, not on the next clock tick as NT's do;
+//! - a mutex still held when its thread ends is not abandoned (NT bugchecks with
+//!   THREAD_TERMINATE_HELD_MUTEX), and a reused slot gives a stale handle the new thread's
+//!   identity (there is no handle table).
 //!
 //! **Runs in:** PASSIVE (threads), the scheduler context (IF=0 while it looks), any CPU.
 
@@ -321,6 +328,13 @@ pub(super) fn leave(action: u8) {
     let Some(slot) = current() else {
         return;
     };
+    // A switch inside an interrupt handler would finish the handler's second half on another
+    // CPU or much later: its EOI would reach the wrong LAPIC and this CPU's in-service bit would
+    // stay set. NT forbids waiting there (and defers a move until IRQL drops); end the run
+    // naming it rather than corrupt both CPUs.
+    if this_cpu().depth.load(Ordering::Relaxed) > 0 {
+        crate::report::fatal_result(format_args!("thread_switch_in_interrupt_handler=1"));
+    }
     let here = me();
     let t = &THREADS[slot];
     t.leaving.store(action, Ordering::Release);
@@ -334,6 +348,11 @@ fn scheduler_rsp(cpu: usize) -> usize {
     let saved = SCHED_RSP[cpu].swap(0, Ordering::AcqRel);
     if saved != 0 {
         return saved;
+    }
+    // An AP's scheduler context always exists before one of its threads runs (`run_ready`
+    // saved it); only the BSP's initial thread can get here without one.
+    if cpu != 0 {
+        crate::report::fatal_result(format_args!("ap_without_scheduler_context=1 cpu={cpu}"));
     }
     // SAFETY: only the BSP's scheduler context uses the idle stack, and it has never run (or has
     // no frame live: it only ever switches away from inside `run_ready`, which saved SCHED_RSP).

@@ -221,21 +221,14 @@ pub fn run(name: &str) {
 /// thread ended, and refuses the handle once ZwClose gave it back.
 fn handle_wait_check(c: &mut Checks) {
     use super::routines::{zw_close, zw_wait_for_single_object};
-    use super::threads::ps_create_system_thread;
+    use super::threads::create_system_thread;
     const STATUS_INVALID_HANDLE: i32 = 0xC000_0008_u32 as i32;
 
     ke_initialize_event(event(), NOTIFICATION, 0);
     WOKEN.store(0, Ordering::Release);
     let mut handle = 0usize;
-    let created = ps_create_system_thread(
-        &mut handle,
-        0,
-        core::ptr::null(),
-        0,
-        core::ptr::null_mut(),
-        event_waiter as *const () as usize,
-        0,
-    ) == STATUS_SUCCESS;
+    let created =
+        create_system_thread(&mut handle, event_waiter as *const () as usize, 0) == STATUS_SUCCESS;
     let one_ms = ONE_MS_RELATIVE;
     let timed_out = zw_wait_for_single_object(handle, 0, &one_ms) == STATUS_TIMEOUT;
     ke_set_event(event(), 0, 0);
@@ -304,8 +297,9 @@ fn affinity_checks(c: &mut Checks) {
         "affinity_misuse_counted",
         counted == 2 && current_number(core::ptr::null_mut()) == 0,
     );
-    // `affinity_group*` count the image's calls only.
+    // `affinity_group*` and `thread_moves` count the image's calls and moves only.
     for n in &super::routines::AFFINITY_CALLS_BY_GROUP {
         n.store(0, Ordering::Release);
     }
+    sched::MOVES.store(0, Ordering::Release);
 }
