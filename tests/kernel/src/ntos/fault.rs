@@ -24,13 +24,8 @@ static AT: AtomicU32 = AtomicU32::new(0);
 /// Failures injected.
 pub static INJECTED: AtomicU32 = AtomicU32::new(0);
 
-/// Reads `Routine:k` (NUL-padded); anything else injects nothing. Called as the image loads:
-/// the counts start there, so they are the image's calls (the scheduler's checks before it call
-/// PsCreateSystemThread too, and the k-th call must be the image's k-th).
+/// Reads `Routine:k` (NUL-padded); anything else injects nothing.
 pub fn arm(text: &[u8]) {
-    for calls in &CALLS {
-        calls.store(0, Ordering::Release);
-    }
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
     let Ok(text) = core::str::from_utf8(&text[..end]) else {
         return;
