@@ -51,15 +51,15 @@ static SUMS: PerCpuSums = PerCpuSums {
 };
 
 /// Gap-instrument result of one CPU.
-struct Gaps {
-    sum: u64,
-    count: u64,
-    elapsed: u64,
+pub(crate) struct Gaps {
+    pub(crate) sum: u64,
+    pub(crate) count: u64,
+    pub(crate) elapsed: u64,
 }
 
 /// `ticks` clock interrupts while spinning on the TSC; every step above [`GAP_MIN_TICKS`] is
-/// an interrupt's gap.
-fn gap_spin(ticks: u32, period: u32) -> Gaps {
+/// an interrupt's gap. Also the image's benchmark (`ntos::bench`).
+pub(crate) fn gap_spin(ticks: u32, period: u32) -> Gaps {
     // APs run this from their mailbox, where IF=0.
     let was_enabled = arch::rflags() & arch::RFLAGS_IF != 0;
     let cpu = this_cpu();
@@ -93,7 +93,7 @@ fn gap_spin(ticks: u32, period: u32) -> Gaps {
 }
 
 /// `ticks` clock interrupts with the CPU halted in between (the traced phase).
-fn halt_ticks(ticks: u32, period: u32) {
+pub(crate) fn halt_ticks(ticks: u32, period: u32) {
     let was_enabled = arch::rflags() & arch::RFLAGS_IF != 0;
     let cpu = this_cpu();
     let start = cpu.counts.runs.get(CLOCK_VECTOR);
@@ -115,7 +115,7 @@ fn halt_ticks(ticks: u32, period: u32) {
 
 /// Bochs magic breakpoint: the debugger stops here and the runner's script runs its next
 /// commands (trace on / trace off), then continues.
-fn magic_break() {
+pub(crate) fn magic_break() {
     // SAFETY: `xchg bx, bx` exchanges a register with itself: no effect outside Bochs.
     unsafe { core::arch::asm!("xchg bx, bx", options(nomem, nostack, preserves_flags)) };
 }
@@ -130,6 +130,11 @@ static MEASURING: AtomicBool = AtomicBool::new(false);
 /// Whether the benchmark is running (the handler then skips the delivery books).
 pub fn measuring() -> bool {
     MEASURING.load(Ordering::Relaxed)
+}
+
+/// Starts or ends a benchmark run (also the image's, `ntos::bench`).
+pub(crate) fn set_measuring(on: bool) {
+    MEASURING.store(on, Ordering::Relaxed);
 }
 
 /// The scenario.

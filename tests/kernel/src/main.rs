@@ -67,6 +67,7 @@ extern "C" fn kmain() -> ! {
         "nt-load" => "nt-load",
         "nt-driver" => "nt-driver",
         "nt-serve" => "nt-serve",
+        "nt-bench" => "nt-bench",
         "misdirected-eoi" => "misdirected-eoi",
         "debug-regs" => "debug-regs",
         _ => "unknown",
@@ -110,6 +111,7 @@ extern "C" fn kmain() -> ! {
         "nt-load" => ntos::load_scenario(&p),
         "nt-driver" => ntos::driver::scenario(&p),
         "nt-serve" => ntos::serve::scenario(&p),
+        "nt-bench" => ntos::bench::run(&p),
         "misdirected-eoi" => misdirected::scenario(&p),
         "debug-regs" => debug_regs::run(),
         _ => report::Line::new("unknown")

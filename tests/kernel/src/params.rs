@@ -161,6 +161,8 @@ impl Params {
                 }
                 // The runner puts these in the driver image's disk header (`ntos::disk`).
                 ("image" | "fault", _) => {}
+                // The runner picks which build of the driver image it puts there.
+                ("profile", _) if matches!(value, "debug" | "release") => {}
                 _ => p.reject(word),
             }
         }

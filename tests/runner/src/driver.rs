@@ -1,9 +1,12 @@
 //! The real `ackvisor.sys` on the test machine's disk, for the miniature NT's scenarios (`nt-*`,
 //! `tests/kernel/src/ntos`).
 //!
-//! The image is the project's own Linux build (`tests/image`, debug profile), built once per
-//! process. [`attach`] writes it at sector [`BLOB_LBA`] behind a one-sector header (`ACKSYS01`,
-//! length as u64 LE) that the kernel's `ntos::disk` reads back over ATA PIO.
+//! The image is the project's own Linux build (`tests/image`), built once per process and
+//! profile: the debug image unless the run's `profile` param says `release` (the profile users
+//! ship; `.ci/run`'s `ackimage build-check --release` builds the same file from the same cargo
+//! state, so neither build repeats the other's work). [`attach`] writes it at sector
+//! [`BLOB_LBA`] behind a one-sector header (`ACKSYS01`, length as u64 LE) that the kernel's
+//! `ntos::disk` reads back over ATA PIO.
 //!
 //! The `fault` param (`Routine:k`) goes into the header: the kernel's `ntos::fault` makes that
 //! routine fail on its k-th call.
@@ -18,6 +21,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+pub use ackvisor_image::build::{Image, Profile};
 use object::read::pe::PeFile64;
 
 use crate::RunSpec;
@@ -34,17 +38,54 @@ pub const BAD_RELOC_TYPE: u16 = 5;
 
 /// Builds the debug `ackvisor.sys` (once per process) and returns its path.
 pub fn sys_image() -> Result<PathBuf, String> {
-    static IMAGE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            ackvisor_image::build::build(ackvisor_image::build::Profile::Debug).map(|i| i.sys)
-        })
+    built(Profile::Debug).map(|i| i.sys)
+}
+
+/// Builds `ackvisor.sys` in `profile` (once per process and profile): the image and its PDB.
+pub fn built(profile: Profile) -> Result<Image, String> {
+    static DEBUG: OnceLock<Result<Image, String>> = OnceLock::new();
+    static RELEASE: OnceLock<Result<Image, String>> = OnceLock::new();
+    let slot = match profile {
+        Profile::Debug => &DEBUG,
+        Profile::Release => &RELEASE,
+    };
+    slot.get_or_init(|| ackvisor_image::build::build(profile))
         .clone()
 }
 
-/// The image's bytes as the run's `image` param asks for them.
+/// The run param that picks the image's profile (`profile=release`; absent: debug).
+pub const PROFILE_PARAM: &str = "profile";
+
+/// The profile a run's `profile` param names.
+pub fn profile_of(spec: &RunSpec) -> Result<Profile, String> {
+    match spec
+        .params
+        .iter()
+        .find(|(k, _)| k == PROFILE_PARAM)
+        .map(|(_, v)| v.as_str())
+    {
+        None | Some("debug") => Ok(Profile::Debug),
+        Some("release") => Ok(Profile::Release),
+        Some(other) => Err(format!("unknown image profile {other}")),
+    }
+}
+
+/// `spec` with the image in `profile` (the debug image's runs keep their spec unchanged).
+pub fn with_profile(spec: RunSpec, profile: Profile) -> RunSpec {
+    match profile {
+        Profile::Debug => spec,
+        Profile::Release => spec.param(PROFILE_PARAM, profile.dir()),
+    }
+}
+
+/// The debug image's bytes as the run's `image` param asks for them.
 pub fn image_bytes(variant: &str) -> Result<Vec<u8>, String> {
-    let path = sys_image()?;
+    image_bytes_of(Profile::Debug, variant)
+}
+
+/// The bytes of the image in `profile` as the run's `image` param asks for them.
+pub fn image_bytes_of(profile: Profile, variant: &str) -> Result<Vec<u8>, String> {
+    let path = built(profile)?.sys;
     let mut bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
     match variant {
         "good" => {}
@@ -102,7 +143,7 @@ pub fn attach(spec: &RunSpec, disk: &mut [u8]) -> Result<(), String> {
         .iter()
         .find(|(k, _)| k == "image")
         .map_or("good", |(_, v)| v.as_str());
-    let bytes = image_bytes(variant)?;
+    let bytes = image_bytes_of(profile_of(spec)?, variant)?;
     let start = BLOB_LBA * SECTOR;
     let end = start + SECTOR + bytes.len();
     if end > disk.len() {
@@ -126,4 +167,47 @@ pub fn attach(spec: &RunSpec, disk: &mut [u8]) -> Result<(), String> {
         .copy_from_slice(fault.as_bytes());
     disk[start + SECTOR..end].copy_from_slice(&bytes);
     Ok(())
+}
+
+/// The name the exit stub has in the image's PDB: the core's `exit::stub::vm_exit_entry`, the
+/// function whose address root writes into HOST_RIP. A naked function gets no procedure
+/// record, only its public symbol, whose name is mangled (Rust's v0 scheme: each path segment
+/// is its length and its text).
+pub const EXIT_STUB: &str = "4exit4stub13vm_exit_entry";
+
+/// The RVA of the image's exit stub (HOST_RIP) from the PDB linked with it ([`pdb_names`]).
+pub fn exit_stub_rva(profile: Profile) -> Result<u32, String> {
+    let (image, names) = pdb_names(profile)?;
+    let pdb = image.pdb.unwrap_or_default();
+    match names.rvas_ending_with(EXIT_STUB)[..] {
+        [rva] => Ok(rva),
+        ref found => Err(format!(
+            "{}: {} functions named {EXIT_STUB}",
+            pdb.display(),
+            found.len()
+        )),
+    }
+}
+
+/// The image in `profile` and its functions' names from the PDB linked with it (the image's
+/// CodeView GUID must match the PDB's: a PDB left from another link would name other
+/// addresses).
+pub fn pdb_names(profile: Profile) -> Result<(Image, ackvisor_image::check::Names), String> {
+    let image = built(profile)?;
+    let pdb = image
+        .pdb
+        .clone()
+        .ok_or_else(|| format!("{}: no PDB beside it", image.sys.display()))?;
+    let bytes =
+        std::fs::read(&image.sys).map_err(|e| format!("read {}: {e}", image.sys.display()))?;
+    let pe = PeFile64::parse(&*bytes).map_err(|e| format!("parse ackvisor.sys: {e}"))?;
+    let guid = object::Object::pdb_info(&pe)
+        .map_err(|e| format!("ackvisor.sys CodeView record: {e}"))?
+        .ok_or("ackvisor.sys has no CodeView record")?
+        .guid();
+    let names = ackvisor_image::check::Names::from_pdb_matching(&pdb, Some(guid))?;
+    if names.is_empty() {
+        return Err(format!("{} does not match the image", pdb.display()));
+    }
+    Ok((image, names))
 }

@@ -19,6 +19,7 @@
 
 pub mod ackctl;
 pub mod driver;
+pub mod image_bench;
 pub mod modes;
 pub mod relay;
 pub mod rootcode;

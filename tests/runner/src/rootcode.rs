@@ -173,6 +173,46 @@ pub fn check(elf: &[u8]) -> Result<Report, String> {
         }
     }
     let syms = Symbols { by_start, by_name };
+    let text = file
+        .sections()
+        .filter(|s| s.kind() == object::SectionKind::Text)
+        .map(|s| Ok((s.address(), s.data().map_err(|e| e.to_string())?)))
+        .collect::<Result<Vec<(u64, &[u8])>, String>>()?;
+    walk(&syms, &text)
+}
+
+/// Walks the fast exit path of a PE image (`ackvisor.sys`) the same way, with the functions
+/// and labels named by `names`, RVA and name each (the image's PDB:
+/// `ackvisor_image::check::Names`; names outside the code are ignored). The image has no
+/// symbol table; the PDB's names give every function's start, not its end, so an address
+/// belongs to the nearest name below it.
+pub fn check_pe(image: &[u8], names: &[(u32, String)]) -> Result<Report, String> {
+    let file = object::File::parse(image).map_err(|e| format!("not a PE image: {e}"))?;
+    let base = file.relative_address_base();
+    let text = file
+        .sections()
+        .filter(|s| s.kind() == object::SectionKind::Text)
+        .map(|s| Ok((s.address(), s.data().map_err(|e| e.to_string())?)))
+        .collect::<Result<Vec<(u64, &[u8])>, String>>()?;
+    let in_code = |a: u64| {
+        text.iter()
+            .any(|(at, d)| a >= *at && a < at + d.len() as u64)
+    };
+    let mut by_start = BTreeMap::new();
+    let mut by_name = Vec::new();
+    for (rva, name) in names {
+        let address = base + u64::from(*rva);
+        if in_code(address) {
+            by_name.push((name.clone(), address));
+            by_start.insert(address, (address, name.clone()));
+        }
+    }
+    let syms = Symbols { by_start, by_name };
+    walk(&syms, &text)
+}
+
+/// The walk itself, over `text` (address and bytes of each code section).
+fn walk(syms: &Symbols, text: &[(u64, &[u8])]) -> Result<Report, String> {
     let entry = syms
         .address_of(ENTRY)
         .ok_or_else(|| format!("no symbol {ENTRY} in the image"))?;
@@ -183,11 +223,6 @@ pub fn check(elf: &[u8]) -> Result<Report, String> {
                 .ok_or_else(|| format!("no symbol {b} in the image"))
         })
         .collect::<Result<_, _>>()?;
-    let text = file
-        .sections()
-        .filter(|s| s.kind() == object::SectionKind::Text)
-        .map(|s| Ok((s.address(), s.data().map_err(|e| e.to_string())?)))
-        .collect::<Result<Vec<(u64, &[u8])>, String>>()?;
     let bytes_at = |addr: u64| {
         text.iter()
             .find(|(a, d)| addr >= *a && addr < a + d.len() as u64)

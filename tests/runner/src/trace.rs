@@ -10,6 +10,11 @@
 //! breakpoints, and the runner's debugger script turns the trace on and off there
 //! ([`crate::RunSpec::traced`]).
 //!
+//! The same reader counts the real ackvisor.sys's exit path (scenario `nt-bench`): its windows
+//! open at the image's own exit stub, whose address the runner takes from the image's PDB
+//! ([`crate::driver::exit_stub_rva`]) and the load base the scenario prints, and the routines
+//! it calls through its import table can be watched ([`Counter::watch`]).
+//!
 //! **Runs in:** the Linux host.
 
 use std::collections::BTreeMap;
@@ -129,9 +134,35 @@ pub struct RootCount {
     pub vector_register_uses: u64,
     /// A first example of such an instruction, with its address.
     pub first_vector_use: Option<String>,
+    /// Of those, the ones outside an FXSAVE..FXRSTOR bracket: each changes or reads a register
+    /// of the guest's vector state that root has not saved (the exit stub's fast path saves
+    /// none, DESIGN §5).
+    pub unsaved_vector_uses: u64,
+    /// A first example of such an instruction, with its address.
+    pub first_unsaved_vector_use: Option<String>,
     /// Traces that did not fit the model: an exit stub entered inside a window, an IRETQ
     /// outside a handler, or a window still open at the end of the phase.
     pub irregular: u64,
+    /// Per watched routine ([`Counter::watch`]): calls (its first instruction executed inside
+    /// a window) and its instructions there, which are part of [`RootCount::instructions`].
+    pub watched: BTreeMap<String, Watched>,
+}
+
+/// What a watched routine cost inside the windows of a phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watched {
+    /// Times its first instruction ran.
+    pub calls: u64,
+    /// Instructions inside it.
+    pub instructions: u64,
+}
+
+/// A routine whose calls and instructions a [`Counter`] tallies apart.
+#[derive(Clone, Debug)]
+struct Watch {
+    name: String,
+    start: u64,
+    end: u64,
 }
 
 impl RootCount {
@@ -162,6 +193,8 @@ struct CpuState {
     delivered: bool,
     /// Handler depth of the guest when the window opened (a VM exit inside a guest handler).
     guest_depth: u32,
+    /// FXSAVEs not yet matched by an FXRSTOR in the window: the vector state is saved.
+    fx_saved: u32,
 }
 
 /// Bochs's debugger line for an event delivered through the IDT: `CPU 1: Interrupt 0xd1
@@ -181,6 +214,7 @@ pub struct Counter {
     map: TraceMap,
     cpus: Vec<CpuState>,
     current: RootCount,
+    watches: Vec<Watch>,
 }
 
 impl Counter {
@@ -190,7 +224,18 @@ impl Counter {
             map,
             cpus: Vec::new(),
             current: RootCount::default(),
+            watches: Vec::new(),
         }
+    }
+
+    /// Tallies the routine at `start..start + len` apart (its instructions still count as
+    /// root's): e.g. the NT routines the image calls on its exit path.
+    pub fn watch(&mut self, name: &str, start: u64, len: u64) {
+        self.watches.push(Watch {
+            name: name.to_string(),
+            start,
+            end: start + len,
+        });
     }
 
     fn cpu(&mut self, cpu: usize) -> Option<&mut CpuState> {
@@ -253,10 +298,29 @@ impl Counter {
         }
         c.instructions += 1;
         *c.by_mnemonic.entry(mnemonic.to_string()).or_insert(0) += 1;
+        if let Some(w) = self
+            .watches
+            .iter()
+            .find(|w| (w.start..w.end).contains(&i.rip))
+        {
+            let t = c.watched.entry(w.name.clone()).or_default();
+            t.instructions += 1;
+            t.calls += u64::from(i.rip == w.start);
+        }
+        match mnemonic {
+            "fxsave" | "fxsave64" => s.fx_saved += 1,
+            "fxrstor" | "fxrstor64" => s.fx_saved = s.fx_saved.saturating_sub(1),
+            _ => {}
+        }
         if i.uses_vector_register() {
             c.vector_register_uses += 1;
             c.first_vector_use
                 .get_or_insert_with(|| format!("{:#x}: {}", i.rip, i.text));
+            if s.fx_saved == 0 {
+                c.unsaved_vector_uses += 1;
+                c.first_unsaved_vector_use
+                    .get_or_insert_with(|| format!("{:#x}: {}", i.rip, i.text));
+            }
         }
         if mnemonic == "vmresume" {
             s.in_window = false;
@@ -280,6 +344,18 @@ impl Counter {
 
 /// Root counts per mode from a bench run's console: `mode -> count`. `None` without a map line.
 pub fn root_counts_by_mode(console: &str) -> Option<BTreeMap<String, RootCount>> {
+    root_counts_by_mode_in(console, "bench", |l| {
+        TraceMap::from_line(l).map(Counter::new)
+    })
+}
+
+/// [`root_counts_by_mode`] for `scenario`'s lines, with the counter made from its `map=1` line
+/// by `counter_of` (which knows where that scenario's exit stub is).
+pub fn root_counts_by_mode_in(
+    console: &str,
+    scenario: &str,
+    counter_of: impl Fn(&ResultLine) -> Option<Counter>,
+) -> Option<BTreeMap<String, RootCount>> {
     let mut counter: Option<Counter> = None;
     let mut out = BTreeMap::new();
     for line in console.lines() {
@@ -298,11 +374,11 @@ pub fn root_counts_by_mode(console: &str) -> Option<BTreeMap<String, RootCount>>
         let Some(r) = ResultLine::parse(line) else {
             continue;
         };
-        if r.scenario != "bench" {
+        if r.scenario != scenario {
             continue;
         }
         if r.get("map").is_some() {
-            counter = TraceMap::from_line(&r).map(Counter::new);
+            counter = counter_of(&r);
         } else if let (Some(mode), Some(c)) = (r.get("mode"), counter.as_mut()) {
             out.insert(mode.to_string(), c.finish_phase());
         }
@@ -416,6 +492,50 @@ mod tests {
         let r = c.finish_phase();
         assert_eq!((r.exits, r.instructions, r.handler_instructions), (0, 0, 0));
         assert_eq!((r.handler_runs, r.handler_total), (1, 3));
+    }
+
+    /// A watched routine: its calls and instructions inside windows, and still root's count;
+    /// the same addresses outside a window (the guest's own calls) are not tallied.
+    #[test]
+    fn watched_routines_are_tallied_apart_inside_windows_only() {
+        let mut c = Counter::new(MAP);
+        c.watch("KfRaiseIrql", 0x3000, 0x10);
+        let feed = |c: &mut Counter, l: String| c.feed(&parse_line(&l).unwrap());
+        feed(&mut c, line(0, 0x3000, "mov rax, cr8")); // the guest calls it: not tallied
+        feed(&mut c, line(0, 0x1000, "sub rsp, 16"));
+        feed(&mut c, line(0, 0x1004, "call qword ptr ds:[rip+8]"));
+        feed(&mut c, line(0, 0x3000, "mov rax, cr8"));
+        feed(&mut c, line(0, 0x3004, "mov cr8, rcx"));
+        feed(&mut c, line(0, 0x3008, "ret"));
+        feed(&mut c, line(0, 0x1010, "vmresume"));
+        let r = c.finish_phase();
+        assert_eq!(r.instructions, 6);
+        assert_eq!(
+            r.watched.get("KfRaiseIrql"),
+            Some(&Watched {
+                calls: 1,
+                instructions: 3
+            })
+        );
+    }
+
+    /// Vector registers inside FXSAVE..FXRSTOR are saved; outside they are the guest's.
+    #[test]
+    fn vector_uses_outside_an_fxsave_bracket_are_unsaved() {
+        let mut c = Counter::new(MAP);
+        let feed = |c: &mut Counter, l: String| c.feed(&parse_line(&l).unwrap());
+        feed(&mut c, line(0, 0x1000, "sub rsp, 16"));
+        feed(&mut c, line(0, 0x1004, "pxor xmm0, xmm0"));
+        feed(&mut c, line(0, 0x1008, "fxsave ss:[rsp]"));
+        feed(&mut c, line(0, 0x100c, "movdqu xmm1, xmmword ptr ds:[rdi]"));
+        feed(&mut c, line(0, 0x1010, "fxrstor ss:[rsp]"));
+        feed(&mut c, line(0, 0x1014, "vmresume"));
+        let r = c.finish_phase();
+        assert_eq!((r.vector_register_uses, r.unsaved_vector_uses), (2, 1));
+        assert_eq!(
+            r.first_unsaved_vector_use.as_deref(),
+            Some("0x1004: pxor xmm0, xmm0")
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Expected figures are read from the same file on the host with `object`, independently of the
 //! kernel's loader.
 
+use ackvisor_runner::driver::Profile;
 use ackvisor_runner::{MODELS, RunOutput, RunSpec, Verdict, driver, run_shared};
 use object::LittleEndian as LE;
 use object::pe::IMAGE_REL_BASED_DIR64;
@@ -86,10 +87,10 @@ fn expected(bytes: &[u8]) -> Expected {
     }
 }
 
-fn loads_the_real_image(model: &str) {
-    let bytes = driver::image_bytes("good").expect("ackvisor.sys builds");
+fn loads_the_real_image(model: &str, profile: Profile) {
+    let bytes = driver::image_bytes_of(profile, "good").expect("ackvisor.sys builds");
     let want = expected(&bytes);
-    let run = machine(RunSpec::new(model, SCENARIO));
+    let run = machine(driver::with_profile(RunSpec::new(model, SCENARIO), profile));
     let mut v = Verdict::new(&run);
     if let Some(l) = v.line(SCENARIO, None) {
         v.eq(l, "loaded", 1)
@@ -146,12 +147,12 @@ fn refuses_each_broken_image(model: &str) {
 
 #[test]
 fn nt_load_haswell() {
-    loads_the_real_image(MODELS[0]);
+    loads_the_real_image(MODELS[0], Profile::Debug);
 }
 
 #[test]
 fn nt_load_skylake() {
-    loads_the_real_image(MODELS[1]);
+    loads_the_real_image(MODELS[1], Profile::Debug);
 }
 
 #[test]
@@ -180,9 +181,13 @@ fn line_with<'a>(
 /// every CPU and agrees with the image's per-CPU statistics, the sleep devirtualizes every CPU
 /// while the interrupts are still counted natively, the log-drain worker runs on its own before
 /// unload, seven malformed requests each get their precise NTSTATUS and Information, and the
-/// verifier's books are clean at the end.
-fn drives_the_real_image(model: &str, cpus: u64) {
-    let run = machine(RunSpec::new(model, "nt-driver").cpus(cpus as u32));
+/// verifier's books are clean at the end. The image is the debug or the release build
+/// (`profile`).
+fn drives_the_real_image(model: &str, cpus: u64, profile: Profile) {
+    let run = machine(driver::with_profile(
+        RunSpec::new(model, "nt-driver").cpus(cpus as u32),
+        profile,
+    ));
     let mut v = Verdict::new(&run);
     if let Some(l) = line_with(&mut v, &run, "entry_status") {
         v.eq(l, "loaded", 1)
@@ -314,12 +319,12 @@ fn books_hold(v: &mut Verdict<'_>, l: &ackvisor_runner::ResultLine) {
 
 #[test]
 fn nt_driver_haswell() {
-    drives_the_real_image(MODELS[0], 1);
+    drives_the_real_image(MODELS[0], 1, Profile::Debug);
 }
 
 #[test]
 fn nt_driver_skylake() {
-    drives_the_real_image(MODELS[1], 1);
+    drives_the_real_image(MODELS[1], 1, Profile::Debug);
 }
 
 /// The routines `ntos::fault` can make fail.
@@ -338,8 +343,11 @@ const STATUS_INSUFFICIENT_RESOURCES: u64 = 0xC000_009A;
 /// Every injectable routine fails on each of its calls in turn (the call counts come from a
 /// clean run): DriverEntry refuses with the status, prints its refusal line, leaves the CPU
 /// unvirtualized (CPUID costs what it costs natively) and nothing in the books.
-fn every_refusal_is_clean(model: &str, cpus: u32) {
-    let clean = machine(RunSpec::new(model, "nt-driver").cpus(cpus));
+fn every_refusal_is_clean(model: &str, cpus: u32, profile: Profile) {
+    let clean = machine(driver::with_profile(
+        RunSpec::new(model, "nt-driver").cpus(cpus),
+        profile,
+    ));
     let calls: Vec<(&str, u64)> = {
         let l = clean
             .lines("nt-driver", None)
@@ -354,11 +362,10 @@ fn every_refusal_is_clean(model: &str, cpus: u32) {
     for (routine, n) in calls {
         assert!(n > 0, "model {model}: DriverEntry never calls {routine}");
         for k in 1..=n {
-            let run = machine(
-                RunSpec::new(model, "nt-driver")
-                    .cpus(cpus)
-                    .param("fault", format!("{routine}:{k}")),
-            );
+            let spec = RunSpec::new(model, "nt-driver")
+                .cpus(cpus)
+                .param("fault", format!("{routine}:{k}"));
+            let run = machine(driver::with_profile(spec, profile));
             let mut v = Verdict::new(&run);
             if let Some(l) = line_with(&mut v, &run, "entry_status") {
                 v.eq(l, "injected", 1)
@@ -386,24 +393,59 @@ fn every_refusal_is_clean(model: &str, cpus: u32) {
 
 #[test]
 fn nt_refusals_haswell() {
-    every_refusal_is_clean(MODELS[0], 1);
+    every_refusal_is_clean(MODELS[0], 1, Profile::Debug);
+}
+
+// The release ackvisor.sys (the profile users ship), the same checks: code the optimizer
+// changes (inlining, vectorizing, frame layout) runs here and nowhere else in the tests.
+
+#[test]
+fn nt_load_release_haswell() {
+    loads_the_real_image(MODELS[0], Profile::Release);
+}
+
+#[test]
+fn nt_load_release_skylake() {
+    loads_the_real_image(MODELS[1], Profile::Release);
+}
+
+#[test]
+fn nt_driver_release_haswell() {
+    drives_the_real_image(MODELS[0], 1, Profile::Release);
+}
+
+#[test]
+fn nt_driver_release_skylake() {
+    drives_the_real_image(MODELS[1], 1, Profile::Release);
+}
+
+#[test]
+fn nt_refusals_release_haswell() {
+    every_refusal_is_clean(MODELS[0], 1, Profile::Release);
+}
+
+/// The release image on 4 CPUs (two processor groups): its per-CPU and every-group loops as
+/// the optimizer built them.
+#[test]
+fn nt_driver_release_4_cpus_haswell() {
+    drives_the_real_image(MODELS[0], 4, Profile::Release);
 }
 
 /// nt-driver on 2 CPUs (one group).
 fn nt_driver_2_cpus(model: &str) {
-    drives_the_real_image(model, 2);
+    drives_the_real_image(model, 2, Profile::Debug);
 }
 
 /// nt-driver on 4 CPUs (two processor groups of 2).
 fn nt_driver_4_cpus(model: &str) {
-    drives_the_real_image(model, 4);
+    drives_the_real_image(model, 4, Profile::Debug);
 }
 
 /// Every refusal on 2 CPUs: each CPU's contiguous memory is allocated inside the image's
 /// per-CPU loop, so a refusal there comes with one CPU already virtualized, which the image
 /// must take back (the probe finds no CPU virtualized, the books nothing held).
 fn nt_refusals_2_cpus(model: &str) {
-    every_refusal_is_clean(model, 2);
+    every_refusal_is_clean(model, 2, Profile::Debug);
 }
 
 ackvisor_runner::per_model!(nt_driver_2_cpus, nt_driver_4_cpus, nt_refusals_2_cpus);

@@ -35,3 +35,46 @@ fn root_code_uses_no_vector_registers() {
         );
     }
 }
+
+/// The same walk on the release ackvisor.sys, with the functions and labels its PDB names: the
+/// image's core is compiled by another compiler for another target, and what the test kernel's
+/// build leaves scalar the image's may not (issue 9: the release image's `PendingSet::is_empty`
+/// was SSE on this path). The debug image is not walked: unoptimized, its fast path reaches
+/// panic-formatting code that copies through XMM0 and jump tables the walk cannot follow
+/// (its trace in `image_bench_debug` shows none of it executed).
+#[test]
+fn image_root_code_uses_no_vector_registers() {
+    use ackvisor_runner::driver::{self, Profile};
+    for profile in [Profile::Release] {
+        let (image, names) = driver::pdb_names(profile).expect("build ackvisor.sys");
+        let bytes = std::fs::read(&image.sys).expect("read ackvisor.sys");
+        let names: Vec<(u32, String)> = names
+            .iter()
+            .chain(names.labels())
+            .map(|(r, n)| (r, n.to_string()))
+            .collect();
+        let report = rootcode::check_pe(&bytes, &names).expect("walk the image's exit path");
+        let listing: Vec<String> = report
+            .findings
+            .iter()
+            .map(|f| format!("{:#x} {}: {} ({})", f.address, f.function, f.text, f.why))
+            .collect();
+        assert!(
+            report.findings.is_empty(),
+            "{profile:?} image: the fast exit path uses vector state or escapes the walk:\n{}",
+            listing.join("\n")
+        );
+        for part in ["vm_exit_entry", "dispatch_fast", "replay_trampoline"] {
+            assert!(
+                report.reached(part),
+                "{profile:?} image: the walk never reached {part}: {:?}",
+                report.functions
+            );
+        }
+        assert!(
+            report.instructions > 200,
+            "{profile:?} image: only {} instructions walked",
+            report.instructions
+        );
+    }
+}

@@ -9,6 +9,9 @@ use pdb::FallibleIterator;
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     by_rva: BTreeMap<u32, String>,
+    /// Public symbols that are not marked as functions (assembly labels such as
+    /// `ackvisor_exit_slow`, and data), by RVA.
+    labels: BTreeMap<u32, String>,
 }
 
 impl Names {
@@ -36,14 +39,15 @@ impl Names {
         }
         let map = pdb.address_map().map_err(err)?;
         let mut by_rva = BTreeMap::new();
+        let mut labels = BTreeMap::new();
         let globals = pdb.global_symbols().map_err(err)?;
         let mut it = globals.iter();
         while let Some(sym) = it.next().map_err(err)? {
             if let Ok(pdb::SymbolData::Public(p)) = sym.parse()
-                && p.function
                 && let Some(rva) = p.offset.to_rva(&map)
             {
-                by_rva.insert(rva.0, p.name.to_string().into_owned());
+                let into = if p.function { &mut by_rva } else { &mut labels };
+                into.insert(rva.0, p.name.to_string().into_owned());
             }
         }
         let info = pdb.debug_information().map_err(err)?;
@@ -63,12 +67,32 @@ impl Names {
                 }
             }
         }
-        Ok(Self { by_rva })
+        Ok(Self { by_rva, labels })
     }
 
     /// The name of the function at `rva`.
     pub fn get(&self, rva: u32) -> Option<&str> {
         self.by_rva.get(&rva).map(String::as_str)
+    }
+
+    /// The RVAs of the functions whose name ends with `suffix` (a path's last segments, e.g.
+    /// `exit::stub::vm_exit_entry`), in address order.
+    pub fn rvas_ending_with(&self, suffix: &str) -> Vec<u32> {
+        self.by_rva
+            .iter()
+            .filter(|(_, name)| name.ends_with(suffix))
+            .map(|(&rva, _)| rva)
+            .collect()
+    }
+
+    /// Every function's name with its RVA, in address order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.by_rva.iter().map(|(&rva, name)| (rva, name.as_str()))
+    }
+
+    /// The public symbols not marked as functions (assembly labels, data), RVA and name.
+    pub fn labels(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.labels.iter().map(|(&rva, name)| (rva, name.as_str()))
     }
 
     /// How many names there are.

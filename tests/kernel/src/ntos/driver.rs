@@ -87,7 +87,6 @@ pub fn scenario(p: &Params) {
     line.print();
     if status >= 0 {
         requests(driver, p, &native_each);
-        worker_ran();
     }
     if let Some(unload) = unload {
         // SAFETY: DriverUnload of the image, set by DriverEntry, called once at PASSIVE.
@@ -231,6 +230,10 @@ fn requests(driver: *mut DRIVER_OBJECT, p: &Params, native_each: &[u64; crate::p
         super::sched::yield_now();
     }
     line.kv("modes_applied", modes_applied);
+    // Before the sleep: its power callback drains the rings on this thread. The release image
+    // sets the four modes in less than one worker period, so afterwards the worker found the
+    // rings empty and printed nothing (worker_lines=0); here the mode changes' records wait.
+    worker_ran();
     let before = cpuid_exits(driver);
     for leaf in 0..CPUID_PROBES {
         let _ = crate::arch::cpuid(leaf as u32 & 1, 0);

@@ -43,7 +43,12 @@ pub fn irql_check(routine: &'static str, max: u8) {
     }
 }
 
-/// Counts a broken IRQL rule of `routine` (and names it if it is the first).
+/// Counts a broken IRQL rule of `routine` (and names it if it is the first). Out of line: the
+/// image calls KfRaiseIrql and KeLowerIrql on its exit path (measured by `nt-bench`), and
+/// inlined, this printing path made KfRaiseIrql save XMM6–15 (callee-saved in win64, which it
+/// is, and not in the System V code it calls) on every call, violation or not.
+#[cold]
+#[inline(never)]
 fn violation(routine: &'static str) {
     if IRQL_VIOLATIONS.fetch_add(1, Ordering::AcqRel) == 0 {
         FIRST_VIOLATION_LEN.store(routine.len() as u32, Ordering::Relaxed);
@@ -184,6 +189,9 @@ extern "win64" fn nt_ke_bug_check_ex(code: u32, p1: u64, p2: u64, p3: u64, p4: u
 
 /// `KfRaiseIrql(NewIrql)`: returns the old IRQL. Raising to a lower IRQL is a bugcheck in NT
 /// (IRQL_NOT_GREATER_OR_EQUAL); here it counts as a violation and changes nothing.
+/// Simplified (also KeLowerIrql): IRQL is CR8 alone; Windows 11 also keeps per-CPU IRQL
+/// bookkeeping beside it when `KiIrqlFlags` asks for it, so its routines are longer than these
+/// (`nt-bench` counts these bodies apart as `irql`).
 extern "win64" fn nt_kf_raise_irql(new: u8) -> u8 {
     let old = arch::cr8();
     if new < old {

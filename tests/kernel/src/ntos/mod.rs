@@ -15,10 +15,12 @@
 //! `fatal=1` line naming the fault. Scenario `nt-driver` (`driver`) takes the image through
 //! DriverEntry, requests, a sleep, malformed requests (`malformed`) and DriverUnload. Scenario
 //! `nt-serve` (`serve`) lets `ackctl` drive the image: the COM1 server wraps each request as
-//! the IRPs NT would send.
+//! the IRPs NT would send. Scenario `nt-bench` (`bench`) measures the image's exit path with
+//! the test kernel's benchmark.
 //!
 //! **Runs in:** PASSIVE, on the BSP's initial thread (which moves to other CPUs and back).
 
+pub mod bench;
 pub mod context;
 pub mod cpus;
 pub mod disk;
