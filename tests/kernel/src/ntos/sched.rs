@@ -6,7 +6,7 @@
 //! another CPU, mark it ended) once the thread's stack is no longer in use, and picks the next
 //! thread that is ready on this CPU. The scheduler context is the AP's idle loop (`smp`), a
 //! dedicated idle stack on the BSP (entered the first time the BSP's initial thread leaves the
-//! BSP), or any code that calls [`run_ready`] between its own work (the serve workload).
+//! BSP), or any code that calls [`run_ready`] between its own work.
 //!
 //! Slot 0 is the BSP's initial thread (the boot stack, where the scenarios run); the other
 //! slots are system threads with their own 24 KiB stacks. A switch saves the callee-saved
