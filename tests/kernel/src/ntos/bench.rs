@@ -30,48 +30,22 @@ use ackvisor_vmm::control::wire::{
 use ackvisor_vmm::intr::vector_policy::VectorPolicy;
 
 use super::io;
-use super::layout::{DRIVER_OBJECT, UNICODE_STRING};
+use super::layout::DRIVER_OBJECT;
 use crate::interrupts::{self, CLOCK_VECTOR};
 use crate::params::Params;
 use crate::report::Line;
 
 const NAME: &str = "nt-bench";
-/// DRIVER_OBJECT's `Type` (IO_TYPE_DRIVER).
-const IO_TYPE_DRIVER: i16 = 4;
 /// The external-interrupt exit reason.
 const EXIT_EXTERNAL_INTERRUPT: usize = 1;
 /// A stats reply with the aggregate entry only.
 const STATS_BYTES: usize = StatsReply::SIZE + CpuStats::SIZE;
-
-struct Driver(UnsafeCell<DRIVER_OBJECT>);
-// SAFETY: only the BSP's scenario and the image (called from it) touch the object.
-unsafe impl Sync for Driver {}
-
-static DRIVER: Driver = Driver(UnsafeCell::new(
-    // SAFETY: DRIVER_OBJECT is integers, pointers and options of fn pointers: zero is valid.
-    unsafe { core::mem::zeroed() },
-));
 
 /// Reply buffer (static: a stats reply is over the 4 KiB a frame may hold).
 struct Out(UnsafeCell<[u8; io::BUFFER_BYTES]>);
 // SAFETY: used by the BSP's scenario only, one request at a time.
 unsafe impl Sync for Out {}
 static OUT: Out = Out(UnsafeCell::new([0; io::BUFFER_BYTES]));
-
-/// The registry path NT passes: the service key.
-const SERVICE_KEY: &[u8] = b"\\Registry\\Machine\\System\\CurrentControlSet\\Services\\ackvisor";
-/// [`SERVICE_KEY`] as UTF-16.
-static REGISTRY_PATH: [u16; SERVICE_KEY.len()] = {
-    let mut out = [0u16; SERVICE_KEY.len()];
-    let mut i = 0;
-    while i < SERVICE_KEY.len() {
-        out[i] = SERVICE_KEY[i] as u16;
-        i += 1;
-    }
-    out
-};
-
-type DriverEntry = extern "win64" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) -> i32;
 
 /// One DEVICE_CONTROL; the status and the reply's bytes (up to `out_len`).
 fn ioctl(driver: *mut DRIVER_OBJECT, request: Request, out_len: usize) -> Option<&'static [u8]> {
@@ -116,27 +90,11 @@ pub fn run(p: &Params) {
         fail("cpus(one_cpu_only)");
         return;
     }
-    let Some((_, image)) = super::load_image(NAME) else {
+    // DriverEntry as nt-driver calls it; the load base is where the loader put the image.
+    let Some((driver, status)) = super::driver::enter(NAME) else {
         return;
     };
-    let driver = DRIVER.0.get();
-    // SAFETY: nothing else references the object before DriverEntry.
-    unsafe { (*driver).Type = IO_TYPE_DRIVER };
-    // SAFETY: as above.
-    unsafe { (*driver).Size = size_of::<DRIVER_OBJECT>() as i16 };
-    // SAFETY: as above.
-    unsafe { (*driver).DriverStart = image.base as *mut core::ffi::c_void };
-    // SAFETY: as above.
-    unsafe { (*driver).DriverSize = image.size };
-    let path = UNICODE_STRING {
-        Length: (REGISTRY_PATH.len() * 2) as u16,
-        MaximumLength: (REGISTRY_PATH.len() * 2) as u16,
-        Buffer: REGISTRY_PATH.as_ptr().cast_mut(),
-    };
-    // SAFETY: `entry` is the image's AddressOfEntryPoint, DriverEntry, with the
-    // DRIVER_INITIALIZE signature, relocated and bound by the loader.
-    let entry = unsafe { core::mem::transmute::<usize, DriverEntry>(image.entry) };
-    let status = entry(driver, &path);
+    let image_base = super::quirks::IMAGE_START.load(core::sync::atomic::Ordering::Acquire);
     // SAFETY: DriverEntry has returned; the object is read on this CPU only.
     let unload = unsafe { (*driver).DriverUnload };
     if status < 0 {
@@ -150,7 +108,7 @@ pub fn run(p: &Params) {
     let export = |name: &[u8]| super::exports::find(b"ntoskrnl.exe", name).unwrap_or(0);
     Line::new(NAME)
         .kv("map", 1)
-        .kv("image_base", format_args!("{:#x}", image.base))
+        .kv("image_base", format_args!("{image_base:#x}"))
         .kv("gates_lo", format_args!("{gates_lo:#x}"))
         .kv("gates_hi", format_args!("{gates_hi:#x}"))
         .kv("gate_stride", interrupts::STUB_BYTES)
