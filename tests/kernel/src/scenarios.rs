@@ -91,9 +91,8 @@ fn ping() -> bool {
     hypercall::vmcall(Call::Ping, 0) == (Some(Status::Ok), PING_REPLY)
 }
 
-/// Runs the workload on every CPU at once; each CPU tallies itself (its LAPIC, its counters,
-/// the core's snapshot of it). Returns the sum.
-fn workload_everywhere(p: &Params, core: bool) -> Tally {
+/// Zeroes every online CPU's handler books and DPC-watchdog model before a workload.
+pub(crate) fn reset_books_everywhere() {
     for (i, cpu) in CPUS
         .iter()
         .enumerate()
@@ -102,6 +101,12 @@ fn workload_everywhere(p: &Params, core: bool) -> Tally {
         cpu.counts.reset();
         crate::watchdog::reset(i);
     }
+}
+
+/// Runs the workload on every CPU at once; each CPU tallies itself (its LAPIC, its counters,
+/// the core's snapshot of it). Returns the sum.
+fn workload_everywhere(p: &Params, core: bool) -> Tally {
+    reset_books_everywhere();
     let shape = shape(p);
     let result = smp::run_concurrently(&|index| {
         let drained = workload::run(shape);

@@ -63,6 +63,34 @@ pub fn serve(
     reply: &mut [u8],
     max_request_payload: usize,
 ) -> Served {
+    serve_with(&Dispatcher(target), received, reply, max_request_payload)
+}
+
+/// What answers a well-formed request inside the framing [`serve_with`] does: the core's
+/// [`dispatch`] ([`serve`]), or, in the test machine's driver mode, the real ackvisor.sys
+/// behind the IRPs NT would send it.
+pub trait Responder {
+    /// Answers request `code` with `input`, for a client that accepts `capacity` bytes: writes
+    /// the response body into the front of `body` (as long as the server's reply buffer allows)
+    /// and returns the protocol status and the body's length; None when not even an error
+    /// reply fits in `body`.
+    fn respond(
+        &self,
+        code: u32,
+        capacity: u32,
+        input: &[u8],
+        body: &mut [u8],
+    ) -> Option<(u32, usize)>;
+}
+
+/// [`serve`] with any [`Responder`] behind the framing: NAKs, discards and reply sealing are the
+/// same whoever answers.
+pub fn serve_with(
+    responder: &dyn Responder,
+    received: &[u8],
+    reply: &mut [u8],
+    max_request_payload: usize,
+) -> Served {
     match frame::decode(received, max_request_payload) {
         Decoded::Incomplete => Served {
             consumed: 0,
@@ -88,10 +116,33 @@ pub fn serve(
             }
             match frame::request_parts(frame.payload) {
                 Ok((code, capacity, input)) => {
-                    answer(target, frame.seq, code, capacity, input, used, reply)
+                    answer(responder, frame.seq, code, capacity, input, used, reply)
                 }
                 Err(error) => nak(frame.seq, error, used, reply),
             }
+        }
+    }
+}
+
+/// The core's dispatcher as a [`Responder`].
+struct Dispatcher<'a>(&'a dyn ControlTarget);
+
+impl Responder for Dispatcher<'_> {
+    fn respond(
+        &self,
+        code: u32,
+        capacity: u32,
+        input: &[u8],
+        body: &mut [u8],
+    ) -> Option<(u32, usize)> {
+        // The client's capacity plays the role of NT's output buffer length; the server's own
+        // buffer bounds it (and OutputTooSmall's `got` then tells the client the server's
+        // limit).
+        let usable = body.len().min(capacity as usize);
+        let output = body.get_mut(..usable).unwrap_or(&mut []);
+        match dispatch(self.0, code, input, output) {
+            Ok(n) => Some((0, n)),
+            Err(e) => e.write_reply(body).map(|n| (e.as_status(), n)),
         }
     }
 }
@@ -112,7 +163,7 @@ fn nak(seq: u16, error: FrameError, consumed: usize, reply: &mut [u8]) -> Served
 }
 
 fn answer(
-    target: &dyn ControlTarget,
+    responder: &dyn Responder,
     seq: u16,
     code: u32,
     capacity: u32,
@@ -125,16 +176,8 @@ fn answer(
     let Some((status_slot, body)) = payload.split_at_mut_checked(frame::RESPONSE_PREFIX) else {
         return too_small(consumed, reply_buffer_len);
     };
-    // The client's capacity plays the role of NT's output buffer length; the server's own buffer
-    // bounds it (and OutputTooSmall's `got` then tells the client the server's limit).
-    let usable = body.len().min(capacity as usize);
-    let output = body.get_mut(..usable).unwrap_or(&mut []);
-    let (status, body_len) = match dispatch(target, code, input, output) {
-        Ok(n) => (0, n),
-        Err(e) => match e.write_reply(body) {
-            Some(n) => (e.as_status(), n),
-            None => return too_small(consumed, reply_buffer_len),
-        },
+    let Some((status, body_len)) = responder.respond(code, capacity, input, body) else {
+        return too_small(consumed, reply_buffer_len);
     };
     if status.encode(status_slot).is_none() {
         return too_small(consumed, reply_buffer_len);

@@ -84,14 +84,7 @@ fn counted_vectors() -> impl Iterator<Item = u8> {
 /// The workload on every CPU at once (cross-CPU IPIs within the team); each CPU publishes its
 /// tally.
 fn team_workload(p: &Params) {
-    for (i, cpu) in CPUS
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.online.load(Ordering::Acquire))
-    {
-        cpu.counts.reset();
-        crate::watchdog::reset(i);
-    }
+    crate::scenarios::reset_books_everywhere();
     let shape = Shape {
         rounds: p.rounds,
         clock_period: p.clock_period,

@@ -31,8 +31,8 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use ackvisor_vmm::Mode;
 use ackvisor_vmm::control::Request;
-use ackvisor_vmm::control::frame::{self, Decoded, FrameError, Kind};
-use ackvisor_vmm::control::serve::{MIN_REPLY_BUFFER, ServeEvent, Served};
+
+use ackvisor_vmm::control::serve::{Responder, Served, serve_with};
 use ackvisor_vmm::control::wire::{
     self, CpuModeEntry, CpuStats, ERROR_MAGIC, ErrorReply, Field, SetModeReply, StatsReply,
     StatusReply,
@@ -210,132 +210,48 @@ fn reply_of(status: i32, information: usize, output_len: usize) -> WireReply {
 /// broken frame, exactly as the core's server does; a response built from the IRPs for a
 /// request).
 pub fn serve(received: &[u8], reply: &mut [u8], max_request_payload: usize) -> Served {
-    match frame::decode(received, max_request_payload) {
-        Decoded::Incomplete => Served {
-            consumed: 0,
-            reply_len: 0,
-            event: ServeEvent::Idle,
-        },
-        Decoded::Rejected {
-            error: error @ FrameError::Garbage { .. },
-            skip,
-            ..
-        } => Served {
-            consumed: skip,
-            reply_len: 0,
-            event: ServeEvent::Discarded(error),
-        },
-        Decoded::Rejected { error, seq, skip } => nak(seq.unwrap_or(0), error, skip, reply),
-        Decoded::Frame { frame, used } => {
-            if frame.kind != Kind::Request {
-                let error = FrameError::UnexpectedKind {
-                    kind: frame.kind as u16,
-                };
-                return nak(frame.seq, error, used, reply);
-            }
-            match frame::request_parts(frame.payload) {
-                Ok((code, capacity, input)) => {
-                    answer(frame.seq, code, capacity, input, used, reply)
-                }
-                Err(error) => nak(frame.seq, error, used, reply),
-            }
-        }
-    }
+    serve_with(&Image, received, reply, max_request_payload)
 }
 
-fn nak(seq: u16, error: FrameError, consumed: usize, reply: &mut [u8]) -> Served {
-    match frame::encode_nak(seq, error, reply) {
-        Ok(reply_len) => Served {
-            consumed,
-            reply_len,
-            event: ServeEvent::Nak(error),
-        },
-        Err(e) => Served {
-            consumed,
-            reply_len: 0,
-            event: ServeEvent::ReplyBufferTooSmall(e),
-        },
-    }
-}
-
-fn too_small(consumed: usize, got: usize) -> Served {
-    let saturate = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    Served {
-        consumed,
-        reply_len: 0,
-        event: ServeEvent::ReplyBufferTooSmall(FrameError::BufferTooSmall {
-            needed: saturate(MIN_REPLY_BUFFER),
-            got: saturate(got),
-        }),
-    }
-}
+/// The loaded image as the server's [`Responder`].
+struct Image;
 
 /// One request through the image. The output buffer is what `DeviceTransport::call` passes:
 /// the client's capacity, but always room for an [`ErrorReply`] (so a refusal arrives with its
 /// arguments); bounded by the server's reply buffer and the system buffer.
-fn answer(
-    seq: u16,
-    code: u32,
-    capacity: u32,
-    input: &[u8],
-    consumed: usize,
-    reply: &mut [u8],
-) -> Served {
-    let reply_buffer_len = reply.len();
-    let payload = frame::payload_mut(reply);
-    let Some((status_slot, body)) = payload.split_at_mut_checked(frame::RESPONSE_PREFIX) else {
-        return too_small(consumed, reply_buffer_len);
-    };
-    let output_len = (capacity as usize)
-        .max(ErrorReply::SIZE)
-        .min(body.len())
-        .min(io::BUFFER_BYTES);
-    let Some(output) = body.get_mut(..output_len) else {
-        return too_small(consumed, reply_buffer_len);
-    };
-    let wire_reply = match request(code, input, output, true) {
-        Some(o) => reply_of(o.status, o.information, output_len),
-        // No dispatch routine: NT fails the open with STATUS_INVALID_DEVICE_REQUEST.
-        None => reply_of(STATUS_INVALID_DEVICE_REQUEST, 0, output_len),
-    };
-    if wire_reply.synthesized {
-        let error = ErrorReply {
-            magic: ERROR_MAGIC,
-            status: wire_reply.status,
-            arg0: 0,
-            arg1: 0,
-            arg2: 0,
-            reserved: 0,
+impl Responder for Image {
+    fn respond(
+        &self,
+        code: u32,
+        capacity: u32,
+        input: &[u8],
+        body: &mut [u8],
+    ) -> Option<(u32, usize)> {
+        let output_len = (capacity as usize)
+            .max(ErrorReply::SIZE)
+            .min(body.len())
+            .min(io::BUFFER_BYTES);
+        let output = body.get_mut(..output_len)?;
+        let wire_reply = match request(code, input, output, true) {
+            Some(o) => reply_of(o.status, o.information, output_len),
+            // No dispatch routine: NT fails the open with STATUS_INVALID_DEVICE_REQUEST.
+            None => reply_of(STATUS_INVALID_DEVICE_REQUEST, 0, output_len),
         };
-        if error.encode(body).is_none() {
-            return too_small(consumed, reply_buffer_len);
-        }
-    }
-    if wire_reply.foreign {
-        FOREIGN_STATUSES.fetch_add(1, Ordering::AcqRel);
-    }
-    if wire_reply.status.encode(status_slot).is_none() {
-        return too_small(consumed, reply_buffer_len);
-    }
-    match frame::seal(
-        Kind::Response,
-        seq,
-        reply,
-        frame::RESPONSE_PREFIX + wire_reply.body,
-    ) {
-        Ok(reply_len) => Served {
-            consumed,
-            reply_len,
-            event: ServeEvent::Answered {
-                code,
+        if wire_reply.synthesized {
+            let error = ErrorReply {
+                magic: ERROR_MAGIC,
                 status: wire_reply.status,
-            },
-        },
-        Err(e) => Served {
-            consumed,
-            reply_len: 0,
-            event: ServeEvent::ReplyBufferTooSmall(e),
-        },
+                arg0: 0,
+                arg1: 0,
+                arg2: 0,
+                reserved: 0,
+            };
+            error.encode(body)?;
+        }
+        if wire_reply.foreign {
+            FOREIGN_STATUSES.fetch_add(1, Ordering::AcqRel);
+        }
+        Some((wire_reply.status, wire_reply.body))
     }
 }
 
