@@ -854,6 +854,26 @@ impl<'a> Verdict<'a> {
         self
     }
 
+    /// The miniature NT's verifier books after DriverUnload (`ntos::driver::write_books`):
+    /// nothing leaked or misused, every IRP completed once and within its buffer, no IRQL rule
+    /// broken. One list, so a new book is judged by every scenario that loads the image.
+    pub fn nt_books_clean(&mut self, line: &ResultLine) -> &mut Self {
+        const BOOKS: [&str; 8] = [
+            "leaks",
+            "misuses",
+            "double_completions",
+            "uncompleted",
+            "status_mismatches",
+            "information_overflows",
+            "stray_completions",
+            "irql_violations",
+        ];
+        for key in BOOKS {
+            self.eq(line, key, 0);
+        }
+        self
+    }
+
     /// The failures recorded so far.
     pub fn failures(&self) -> &[String] {
         &self.failures

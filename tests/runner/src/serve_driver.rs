@@ -99,14 +99,7 @@ pub fn judge(v: &mut Verdict<'_>, out: &RunOutput, cpus: u64, min_interrupts: u6
                 .eq_field(l, "device_controls", "creates")
                 .eq(l, "foreign_statuses", 0)
                 .eq(l, "undrained_resets", 0)
-                .eq(l, "leaks", 0)
-                .eq(l, "misuses", 0)
-                .eq(l, "double_completions", 0)
-                .eq(l, "uncompleted", 0)
-                .eq(l, "status_mismatches", 0)
-                .eq(l, "information_overflows", 0)
-                .eq(l, "stray_completions", 0)
-                .eq(l, "irql_violations", 0);
+                .nt_books_clean(l);
             // Each mode change moves the serving thread to every other CPU and back; nothing
             // else the session asks for moves it.
             if let Some(set_modes) = set_modes {
