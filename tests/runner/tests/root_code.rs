@@ -4,35 +4,40 @@
 
 use ackvisor_runner::{kernel_elf_with, rootcode};
 
+/// The walk found nothing, and it is not vacuous: it went through the dispatcher, the replay
+/// and the stub's tail. `what` names the build in the failures.
+fn judge(report: &rootcode::Report, what: &str) {
+    let listing: Vec<String> = report
+        .findings
+        .iter()
+        .map(|f| format!("{:#x} {}: {} ({})", f.address, f.function, f.text, f.why))
+        .collect();
+    assert!(
+        report.findings.is_empty(),
+        "{what}: the fast exit path uses vector state or escapes the walk:\n{}",
+        listing.join("\n")
+    );
+    for part in ["vm_exit_entry", "dispatch_fast", "replay_trampoline"] {
+        assert!(
+            report.reached(part),
+            "{what}: the walk never reached {part}: {:?}",
+            report.functions
+        );
+    }
+    assert!(
+        report.instructions > 200,
+        "{what}: only {} instructions walked",
+        report.instructions
+    );
+}
+
 #[test]
 fn root_code_uses_no_vector_registers() {
     for stats in [true, false] {
         let elf = kernel_elf_with(stats).expect("build the test kernel");
         let bytes = std::fs::read(&elf).expect("read the kernel ELF");
         let report = rootcode::check(&bytes).expect("walk the exit path");
-        let listing: Vec<String> = report
-            .findings
-            .iter()
-            .map(|f| format!("{:#x} {}: {} ({})", f.address, f.function, f.text, f.why))
-            .collect();
-        assert!(
-            report.findings.is_empty(),
-            "stats={stats}: the fast exit path uses vector state or escapes the walk:\n{}",
-            listing.join("\n")
-        );
-        // Not vacuous: the walk went through the dispatcher, the replay and the stub's tail.
-        for part in ["vm_exit_entry", "dispatch_fast", "replay_trampoline"] {
-            assert!(
-                report.reached(part),
-                "stats={stats}: the walk never reached {part}: {:?}",
-                report.functions
-            );
-        }
-        assert!(
-            report.instructions > 200,
-            "stats={stats}: only {} instructions walked",
-            report.instructions
-        );
+        judge(&report, &format!("test kernel, stats={stats}"));
     }
 }
 
@@ -45,36 +50,13 @@ fn root_code_uses_no_vector_registers() {
 #[test]
 fn image_root_code_uses_no_vector_registers() {
     use ackvisor_runner::driver::{self, Profile};
-    for profile in [Profile::Release] {
-        let (image, names) = driver::pdb_names(profile).expect("build ackvisor.sys");
-        let bytes = std::fs::read(&image.sys).expect("read ackvisor.sys");
-        let names: Vec<(u32, String)> = names
-            .iter()
-            .chain(names.labels())
-            .map(|(r, n)| (r, n.to_string()))
-            .collect();
-        let report = rootcode::check_pe(&bytes, &names).expect("walk the image's exit path");
-        let listing: Vec<String> = report
-            .findings
-            .iter()
-            .map(|f| format!("{:#x} {}: {} ({})", f.address, f.function, f.text, f.why))
-            .collect();
-        assert!(
-            report.findings.is_empty(),
-            "{profile:?} image: the fast exit path uses vector state or escapes the walk:\n{}",
-            listing.join("\n")
-        );
-        for part in ["vm_exit_entry", "dispatch_fast", "replay_trampoline"] {
-            assert!(
-                report.reached(part),
-                "{profile:?} image: the walk never reached {part}: {:?}",
-                report.functions
-            );
-        }
-        assert!(
-            report.instructions > 200,
-            "{profile:?} image: only {} instructions walked",
-            report.instructions
-        );
-    }
+    let (image, names) = driver::pdb_names(Profile::Release).expect("build ackvisor.sys");
+    let bytes = std::fs::read(&image.sys).expect("read ackvisor.sys");
+    let names: Vec<(u32, String)> = names
+        .iter()
+        .chain(names.labels())
+        .map(|(r, n)| (r, n.to_string()))
+        .collect();
+    let report = rootcode::check_pe(&bytes, &names).expect("walk the image's exit path");
+    judge(&report, "release image");
 }
