@@ -854,6 +854,38 @@ impl<'a> Verdict<'a> {
         self
     }
 
+    /// The serve machine's own books on its `RESULT serve` summary line, whichever backend
+    /// served (the kernel's core or the image): every CPU virtualized and in one mode, every
+    /// interrupt raised ran (at least `min_interrupts`), nothing lost, drained or left in
+    /// service, no handler in the wrong place, every reply fitted.
+    pub fn serve_books_hold(
+        &mut self,
+        line: &ResultLine,
+        cpus: u64,
+        min_interrupts: u64,
+    ) -> &mut Self {
+        self.eq(line, "cpus", cpus)
+            .eq(line, "virtualized", cpus)
+            .eq(line, "modes_agree", 1);
+        for key in [
+            "undrained",
+            "lost",
+            "isr_left",
+            "canary_broken",
+            "ctx_violations",
+            "wrong_idt",
+            "unexpected",
+            "dpc_in_root",
+            "replay_low_cr8",
+            "ring3_bad_exits",
+            "too_small",
+        ] {
+            self.eq(line, key, 0);
+        }
+        self.eq_field(line, "ran", "raised")
+            .gt(line, "ran", min_interrupts.saturating_sub(1))
+    }
+
     /// The miniature NT's verifier books after DriverUnload (`ntos::driver::write_books`):
     /// nothing leaked or misused, every IRP completed once and within its buffer, no IRQL rule
     /// broken. One list, so a new book is judged by every scenario that loads the image.

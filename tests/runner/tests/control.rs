@@ -271,22 +271,7 @@ fn check_mode_counters(c: &mut Checks, stats: &Value, mode: &str, policy: &Value
 fn judge_books(out: &RunOutput, cpus: u64, min_interrupts: u64) {
     let mut v = Verdict::new(out);
     if let Some(l) = v.line("serve", None) {
-        v.eq(l, "cpus", cpus)
-            .eq(l, "virtualized", cpus)
-            .eq(l, "modes_agree", 1)
-            .eq(l, "undrained", 0)
-            .eq(l, "lost", 0)
-            .eq(l, "isr_left", 0)
-            .eq(l, "canary_broken", 0)
-            .eq(l, "ctx_violations", 0)
-            .eq(l, "wrong_idt", 0)
-            .eq(l, "unexpected", 0)
-            .eq(l, "dpc_in_root", 0)
-            .eq(l, "replay_low_cr8", 0)
-            .eq(l, "ring3_bad_exits", 0)
-            .eq(l, "too_small", 0)
-            .eq_field(l, "ran", "raised")
-            .gt(l, "ran", min_interrupts.saturating_sub(1));
+        v.serve_books_hold(l, cpus, min_interrupts);
     }
     for cpu in 0..cpus {
         match out
